@@ -1,0 +1,142 @@
+"""Model side of the pipeline: load a pretrained BERT with a fresh classification head, group its
+parameters for AdamW, save the fine-tuned result for serving, and load it back for inference.
+
+The saved folder is a plain `save_pretrained` folder (safetensors weights, config with label
+names, tokenizer files), so `transformers.pipeline("text-classification", model=folder)` reads it.
+"""
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from errors import UsageError, require_local_or_reachable
+
+
+# -----------------------------------------------------------------------------
+# loading for training
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer that came with the pretrained model (WordPiece for BERT)."""
+    require_local_or_reachable(name_or_path, "--model_name_or_path", "model")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"--model_name_or_path {name_or_path!r}: cannot load a tokenizer from it ({first_line(err)}). "
+            "Pass a Hub model id such as bert-base-uncased or a folder written by save_pretrained."
+        ) from None
+
+
+def load_model(name_or_path, label_names):
+    """Pretrained encoder + a new, randomly initialised classification head with one output per label.
+
+    `id2label`/`label2id` go into the model's config, so the saved model answers with the
+    dataset's own label names ("neg"/"pos") instead of LABEL_0/LABEL_1.
+    """
+    require_local_or_reachable(name_or_path, "--model_name_or_path", "model")
+    id2label = dict(enumerate(label_names))
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path,
+            num_labels=len(label_names),
+            id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
+        )
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"--model_name_or_path {name_or_path!r}: cannot load a model from it ({first_line(err)}). "
+            "Pass a Hub model id such as bert-base-uncased or a folder written by save_pretrained."
+        ) from None
+
+
+def first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+# -----------------------------------------------------------------------------
+# optimizer
+
+
+def decays(param_name, module):
+    """Trainer's rule: weight decay pulls weights towards zero; biases and LayerNorm weights are
+    offsets and scales that should stay free, so they are excluded."""
+    return not isinstance(module, nn.LayerNorm) and not param_name.endswith("bias")
+
+
+def optimizer_param_groups(model, weight_decay):
+    """Two AdamW groups: matrices and embeddings with `weight_decay`, the rest with none."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                (decay if decays(name, module) else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+# -----------------------------------------------------------------------------
+# saving and loading for serving
+
+
+def save_for_serving(accelerator, model, tokenizer, out_dir):
+    """Write the bare model (no DDP/compile wrappers) as safetensors + its tokenizer.
+
+    Every process must call this: `get_state_dict` gathers sharded weights collectively;
+    only the main process writes.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
+
+
+def load_for_inference(model_dir, device="cpu"):
+    """(model, tokenizer) from a folder written by `save_for_serving`, ready for `inference_mode`.
+
+    safetensors only and no remote code: loading a served model must never execute a pickle.
+    """
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UsageError(
+            f"model folder {model_dir!r} has no config.json. Train first (python train_loop.py writes "
+            "./fine-tuned-bert) or pass a folder written by save_pretrained."
+        )
+    if not any(f.endswith(".safetensors") for f in os.listdir(model_dir)):
+        raise UsageError(f"model folder {model_dir!r} has no .safetensors weights; only safetensors are loaded.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, use_safetensors=True, trust_remote_code=False
+    )
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def label_names(model):
+    """Label names in class-index order, from the config written at training time."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+@torch.inference_mode()
+def classify(model, tokenizer, texts, max_length=None):
+    """Class probabilities (len(texts), num_labels) for a list of texts, truncated to the model's limit."""
+    max_length = max_length or model_max_length(model, tokenizer)
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    batch = batch.to(model.device)
+    logits = model(**batch).logits  # (B, num_labels)
+    return logits.float().softmax(dim=-1)
+
+
+def model_max_length(model, tokenizer):
+    """The longest input the model accepts: its position table, or less if the tokenizer says so."""
+    limit = model.config.max_position_embeddings
+    tok_limit = tokenizer.model_max_length
+    return min(limit, tok_limit) if tok_limit and tok_limit < 1_000_000 else limit

@@ -1,0 +1,82 @@
+"""Fixtures: a tiny random BERT with its own small vocabulary, and tiny sentiment data on disk.
+
+Everything is built here, offline, in seconds; the real-weights test uses ../shared instead.
+"""
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+POSITIVE = ["good", "great", "wonderful", "loved", "brilliant", "superb", "fun", "moving"]
+NEGATIVE = ["bad", "awful", "boring", "hated", "terrible", "dull", "weak", "mess"]
+NEUTRAL = ["the", "movie", "film", "was", "a", "plot", "actors", "and", "it", "story", "really", "quite"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_tiny_bert(path, max_position_embeddings=64, seed=0):
+    """A 2-layer, hidden-32 BERT encoder (no classification head, like a pretrained checkpoint)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL) + "\n")
+    BertTokenizer(vocab_file=str(vocab), model_max_length=max_position_embeddings).save_pretrained(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=max_position_embeddings,
+    )
+    BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+def make_reviews(n, seed):
+    """n short reviews, half positive, half negative, labelled 'positive'/'negative'."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(NEUTRAL, 4) + rng.sample(POSITIVE if positive else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words[: rng.randint(3, 6)] + words[4:]),
+                     "label": "positive" if positive else "negative"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def csv_data(tmp_path_factory):
+    """A folder with train.csv (64 rows) and test.csv (40 rows): load_dataset(folder) finds both splits."""
+    folder = tmp_path_factory.mktemp("reviews-csv")
+    make_reviews(64, seed=1).to_csv(folder / "train.csv", index=False)
+    make_reviews(40, seed=2).to_csv(folder / "test.csv", index=False)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def parquet_data(tmp_path_factory):
+    """train=...,test=... parquet files with integer labels (1 = positive)."""
+    folder = tmp_path_factory.mktemp("reviews-parquet")
+    for split, n, seed in (("train", 64, 3), ("test", 40, 4)):
+        df = make_reviews(n, seed)
+        df["label"] = (df["label"] == "positive").astype("int64")
+        df.to_parquet(folder / f"{split}.parquet")
+    return f"train={folder / 'train.parquet'},test={folder / 'test.parquet'}"
+
+
+def train_args(model, dataset, out, *extra):
+    """Flags for a quick CPU run writing everything under `out`."""
+    return [
+        "--model_name_or_path", model, "--dataset_name", dataset,
+        "--output_dir", f"{out}/results", "--logging_dir", f"{out}/logs",
+        "--final_model_dir", f"{out}/model", "--report_to", "none", "--max_length", "32",
+        *extra,
+    ]

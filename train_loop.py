@@ -1,0 +1,586 @@
+"""Fine-tune a pretrained BERT for sentiment classification with an explicit training loop.
+
+What `transformers.Trainer` does for the classic "BERT on IMDb" tutorial, written out so every
+step can be read: forward, backward, gradient clipping, AdamW, a linear learning-rate schedule,
+evaluation each epoch, checkpoints you can resume from. Accelerate runs the same code on CPU,
+one GPU or many, in fp32, fp16 or bf16.
+
+    accelerate config                              # once: CPU / GPUs, fp16 / bf16
+    accelerate launch train_loop.py                # bert-base-uncased on imdb, the seed's settings
+    python train_loop.py --model_name_or_path ../shared/models/minilm-l6 \
+        --dataset_name ../shared/data/imdb --max_train_samples 2000 --max_eval_samples 1000
+                                                   # a quick single-process run from local copies
+    accelerate launch --mixed_precision bf16 train_loop.py     # bf16 autocast
+    accelerate launch --multi_gpu --num_processes 2 train_loop.py
+    python train_loop.py config.json               # every flag can come from a JSON or YAML file
+    python train_loop.py --resume_from_checkpoint latest       # continue an interrupted run
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, SchedulerType, get_scheduler
+
+import data
+import model_utils
+from errors import UsageError, exit_on_usage_error
+from metrics import ClassificationMetrics
+
+
+# -----------------------------------------------------------------------------
+# config: TrainingArguments' names and the seed's values, so Trainer users type what they know
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model_name_or_path: str = field(default="bert-base-uncased", metadata={"help": "Hub id or local folder"})
+    dataset_name: str = field(
+        default="imdb", metadata={"help": "Hub id, local folder, or data files: a.csv | train=a.csv,test=b.csv"}
+    )
+    train_split: str = "train"
+    eval_split: Optional[str] = field(default="test", metadata={"help": 'split to evaluate on; "" for none'})
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = field(default=512, metadata={"help": "tokens kept per review; BERT's limit is 512"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "seeded random subset (cheap runs)"})
+    max_eval_samples: Optional[int] = None
+    # where things land
+    output_dir: str = field(default="./results", metadata={"help": "checkpoints, logs as JSON lines, eval results"})
+    logging_dir: str = field(default="./logs", metadata={"help": "TensorBoard event files"})
+    final_model_dir: str = field(default="./fine-tuned-bert", metadata={"help": "model + tokenizer for serving"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker, or none"})
+    # optimisation: the seed's values, else Trainer's defaults
+    num_train_epochs: float = 3.0
+    max_steps: int = field(default=-1, metadata={"help": "if > 0: total optimizer steps, overrides epochs"})
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = 5e-5
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay, not on biases/LayerNorm"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine, constant, ..."})
+    warmup_steps: float = field(default=0, metadata={"help": "steps of linear warm-up; a float < 1 is a fraction"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the total gradient norm; 0 = no clipping"})
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
+        default=None, metadata={"help": "unset: what `accelerate config` chose"}
+    )
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    # logging, evaluation, checkpoints
+    logging_steps: int = field(default=500, metadata={"help": "optimizer steps between log lines"})
+    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "with eval_strategy=steps; default logging_steps"})
+    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    save_steps: int = 500
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or latest"})
+    evaluation_strategy: Optional[str] = field(
+        default=None, metadata={"help": "old name of eval_strategy (removed in transformers 5), still accepted"}
+    )
+
+
+# Changing these between a checkpoint and its resume would change which rows each step sees.
+RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_length", "seed",
+                     "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes")
+
+
+def parse_config(argv=None):
+    """Flags, or one JSON/YAML file; then validate, before anything heavy happens."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(TrainConfig)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            (cfg,) = parser.parse_json_file(argv[0], allow_extra_keys=False)
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            (cfg,) = parser.parse_yaml_file(argv[0], allow_extra_keys=False)
+        else:
+            (cfg,) = parser.parse_args_into_dataclasses(argv)
+    except ValueError as err:
+        raise UsageError(f"{err}. Run `python train_loop.py --help` for every flag.") from None
+    except FileNotFoundError as err:
+        raise UsageError(f"config file not found: {err.filename}") from None
+    return validate_config(cfg)
+
+
+def validate_config(cfg):
+    if cfg.evaluation_strategy is not None:
+        print("note: --evaluation_strategy is the old name of --eval_strategy; using it as such.")
+        cfg.eval_strategy, cfg.evaluation_strategy = cfg.evaluation_strategy, None
+    cfg.eval_split = cfg.eval_split or None
+    for f in dataclasses.fields(cfg):  # Literal choices, also for values from JSON/YAML files
+        choices = [c for c in typing.get_args(f.type) if isinstance(c, str)] if "Literal" in str(f.type) else []
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise UsageError(f"--{f.name} must be one of {choices}, not {value!r}.")
+    require(cfg.lr_scheduler_type in [s.value for s in SchedulerType],
+            f"--lr_scheduler_type {cfg.lr_scheduler_type!r} is unknown; use one of {[s.value for s in SchedulerType]}.")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps", "max_length"):
+        require(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, not {getattr(cfg, name)}.")
+    for name in ("max_train_samples", "max_eval_samples", "eval_steps", "save_total_limit"):
+        value = getattr(cfg, name)
+        require(value is None or value >= 1, f"--{name} must be a positive integer, not {value}.")
+    require(cfg.learning_rate > 0, f"--learning_rate must be positive, not {cfg.learning_rate}.")
+    require(cfg.weight_decay >= 0 and cfg.max_grad_norm >= 0 and cfg.adam_epsilon > 0,
+            "--weight_decay and --max_grad_norm must be >= 0, --adam_epsilon > 0.")
+    require(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "--adam_beta1/2 must lie in [0, 1).")
+    require(cfg.warmup_steps >= 0 and (cfg.warmup_steps < 1 or float(cfg.warmup_steps).is_integer()),
+            f"--warmup_steps must be a whole number of steps or a fraction below 1, not {cfg.warmup_steps}.")
+    require(cfg.max_steps > 0 or cfg.num_train_epochs > 0,
+            "set --num_train_epochs > 0 or --max_steps > 0: there is nothing to train otherwise.")
+    require(cfg.eval_split is not None or cfg.eval_strategy == "no",
+            "--eval_split is empty, so there is nothing to evaluate on: also pass --eval_strategy no.")
+    require(cfg.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+    if cfg.resume_from_checkpoint:
+        cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    return cfg
+
+
+def require(condition, message):
+    if not condition:
+        raise UsageError(message)
+
+
+# -----------------------------------------------------------------------------
+# setup
+
+
+def build_accelerator(cfg):
+    """Devices, processes and precision come from `accelerate config`/`accelerate launch`, or the flag."""
+    try:
+        return Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            # Every process shuffles with the same seed, so together they cover each row once per epoch.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            # We step the schedule once per optimizer step ourselves. Left linked, accelerate steps it
+            # once per process per optimizer step, and a 2-process run would decay twice as fast.
+            step_scheduler_with_optimizer=False,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=cfg.logging_dir,
+        )
+    except ValueError as err:  # e.g. fp16 asked for on a machine without a GPU
+        raise UsageError(f"cannot set up devices/precision: {err} (on CPU use --mixed_precision bf16 or no).") from None
+
+
+def prepare_datasets(cfg, tokenizer, accelerator):
+    """Raw splits -> validated -> subset -> tokenized (once, on the main process first; then cached)."""
+    splits = data.load_splits(cfg.dataset_name, cfg.train_split, cfg.eval_split)
+    label_names = data.validate(splits, cfg.text_column, cfg.label_column)
+    limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples}
+    splits = {role: data.take_subset(ds, limits[role], cfg.seed) for role, ds in splits.items()}
+    if len(set(splits["train"][cfg.label_column])) < 2:
+        raise UsageError(f"the {len(splits['train'])}-row training subset has one class only; take more rows.")
+    with accelerator.main_process_first():  # the main process tokenizes and writes the cache; others read it
+        tokenized = {
+            role: data.tokenize(ds, tokenizer, cfg.text_column, cfg.label_column, label_names, cfg.max_length)
+            for role, ds in splits.items()
+        }
+    return tokenized["train"], tokenized.get("eval"), label_names
+
+
+def build_optimizer(model, cfg):
+    groups = model_utils.optimizer_param_groups(model, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def schedule_lengths(cfg, num_batches):
+    """(steps per epoch, total optimizer steps, warm-up steps, epochs to run) from the prepared loader."""
+    per_epoch = data.steps_per_epoch(num_batches, cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    warmup = math.ceil(cfg.warmup_steps * total) if cfg.warmup_steps < 1 else int(cfg.warmup_steps)
+    return per_epoch, total, warmup, math.ceil(total / per_epoch)
+
+
+# -----------------------------------------------------------------------------
+# progress and logging
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides weights and RNG, so a resumed run logs what a straight one would."""
+
+    global_step: int = 0  # optimizer steps done
+    window_loss: float = 0.0  # sum of step losses since the last log line (a tensor while training)
+    window_steps: int = 0
+    total_loss: float = 0.0  # sum of all step losses, for train_loss (a tensor while training)
+
+
+class RunLog:
+    """One record per event, three sinks: the console, a JSON-lines file, and accelerate's trackers."""
+
+    def __init__(self, accelerator, path, resumed_step=None):
+        self.accelerator = accelerator
+        self.path = path
+        if accelerator.is_main_process and resumed_step is not None:
+            self.truncate_after(resumed_step)
+
+    def truncate_after(self, step):
+        """Drop records an interrupted run wrote after its last checkpoint: the resume writes them again."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record, step):
+        if self.accelerator.is_main_process:
+            tqdm.write(str(record))
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+        self.accelerator.log(tracker_names(record), step=step)
+
+
+def tracker_names(record):
+    """loss -> train/loss, eval_accuracy -> eval/accuracy: TensorBoard groups charts by prefix."""
+    named = {}
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            named[key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"] = value
+    return named
+
+
+def log_record(progress, grad_norm, learning_rate, steps_per_epoch):
+    """The seed's log line: mean loss over the window, pre-clip norm and rate of the last step, epoch."""
+    return {
+        "loss": round(progress.window_loss / progress.window_steps, 4),
+        "grad_norm": float(f"{grad_norm:.4g}"),
+        "learning_rate": float(f"{learning_rate:.4g}"),
+        "epoch": round(progress.global_step / steps_per_epoch, 2),
+    }
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model, dataloader, accelerator, num_labels):
+    """Loss and metrics over every evaluation row exactly once, whatever the number of processes.
+
+    `gather_for_metrics` concatenates the processes' predictions and drops the rows accelerate
+    repeated to give every process an equal number of batches.
+    """
+    model.eval()
+    start = time.perf_counter()
+    row_losses, predictions, references = [], [], []
+    for batch in dataloader:
+        labels = batch["labels"]
+        with torch.inference_mode():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, num_labels)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,) one loss per row
+        loss, pred, ref = accelerator.gather_for_metrics((loss, logits.argmax(dim=-1), labels))
+        row_losses.append(loss.cpu())
+        predictions.append(pred.cpu())
+        references.append(ref.cpu())
+    model.train()
+    runtime = time.perf_counter() - start
+    predictions, references = torch.cat(predictions), torch.cat(references)
+    scores = ClassificationMetrics(keep_in_memory=True).compute(
+        predictions=predictions.tolist(), references=references.tolist(), num_labels=num_labels
+    )
+    results = {"eval_loss": torch.cat(row_losses).mean().item()}  # mean over rows, not over batches
+    results.update({f"eval_{name}": value for name, value in scores.items()})
+    results["eval_runtime"] = round(runtime, 4)
+    results["eval_samples_per_second"] = round(len(references) / runtime, 3)
+    results["eval_steps_per_second"] = round(len(dataloader) / runtime, 3)
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)  # rows: true class, columns: predicted
+    confusion.index_put_((references, predictions), torch.ones_like(references), accumulate=True)
+    return results, confusion.tolist()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first. Saves in progress live under tmp-checkpoint-* and never match."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), m.group(0)) for m in map(CHECKPOINT_RE.match, os.listdir(output_dir)) if m]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_checkpoint(value, output_dir):
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        require(checkpoints, f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir!r}.")
+        return checkpoints[-1]
+    require(os.path.isfile(os.path.join(value, "training_state.json")),
+            f"--resume_from_checkpoint {value!r} is not a checkpoint folder (no training_state.json in it).")
+    return value
+
+
+def save_checkpoint(accelerator, cfg, progress):
+    """Model, optimizer, scheduler, RNG and scaler via `save_state`, plus progress and config as JSON.
+
+    Written to tmp-checkpoint-N and renamed once complete: a crash mid-save leaves no folder
+    that `--resume_from_checkpoint latest` could pick.
+    """
+    final = os.path.join(cfg.output_dir, f"checkpoint-{progress.global_step}")
+    tmp = os.path.join(cfg.output_dir, f"tmp-checkpoint-{progress.global_step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # every process writes its part (its RNG state at least)
+    if accelerator.is_main_process:
+        write_json(os.path.join(tmp, "training_state.json"), dataclasses.asdict(progress))
+        write_json(os.path.join(tmp, "config.json"), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
+    accelerator.wait_for_everyone()  # all parts on disk before the one rename that publishes them
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        delete_old_checkpoints(cfg.output_dir, cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def delete_old_checkpoints(output_dir, limit):
+    if limit is None:
+        return
+    for path in list_checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(path)
+
+
+def load_checkpoint(accelerator, cfg, path):
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    current = {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes}
+    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
+    require(not changed, f"cannot resume from {path!r}: these settings differ from the checkpoint's "
+                         f"({'; '.join(changed)}). Resume with the original settings.")
+    accelerator.load_state(path)
+    with open(os.path.join(path, "training_state.json")) as f:
+        return Progress(**json.load(f))
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once in `main`."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    train_dl: object
+    eval_dl: object
+    num_labels: int
+    steps_per_epoch: int
+    total_steps: int
+    log: RunLog
+    progress: Progress
+    last_eval: Optional[dict] = None
+
+
+def train_one_epoch(run, epoch, pbar):
+    """One pass over the training batches (fewer if resuming mid-epoch or reaching max_steps)."""
+    cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
+    run.train_dl.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch): resumable
+    done_this_epoch = run.progress.global_step - epoch * run.steps_per_epoch
+    batches = accelerator.skip_first_batches(run.train_dl, done_this_epoch * cfg.gradient_accumulation_steps)
+    model.train()
+    step_loss, micro_batches = 0.0, 0
+    for batch in batches:
+        with accelerator.accumulate(model):
+            outputs = model(**batch)  # forward: logits (B, num_labels) and the batch-mean cross-entropy
+            accelerator.backward(outputs.loss)  # backward: grads += d(loss / accumulation steps)/dw
+            step_loss += outputs.loss.detach()
+            micro_batches += 1
+            if not accelerator.sync_gradients:  # more micro-batches to accumulate before this step
+                continue
+            # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
+            learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
+            if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf/nan grads is skipped
+                run.lr_scheduler.step()
+            optimizer.zero_grad()
+        # The mean loss of this step, averaged over processes so every process holds the same window.
+        step_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean")
+        after_step(run, step_loss, grad_norm, learning_rate, pbar)
+        step_loss, micro_batches = 0.0, 0
+        if run.progress.global_step >= run.total_steps:
+            break
+
+
+def after_step(run, step_loss, grad_norm, learning_rate, pbar):
+    """Book-keeping of one optimizer step: counters, and the log / eval / save that fall due on it."""
+    cfg, progress = run.cfg, run.progress
+    progress.global_step += 1
+    progress.window_loss += step_loss  # tensors: no device sync until a log line needs the number
+    progress.window_steps += 1
+    progress.total_loss += step_loss
+    pbar.update(1)
+    if progress.global_step % cfg.logging_steps == 0:
+        progress.window_loss = float(progress.window_loss)
+        record = log_record(progress, float(grad_norm), learning_rate, run.steps_per_epoch)
+        run.log.write(record, progress.global_step)
+        pbar.set_postfix(loss=record["loss"])
+        progress.window_loss, progress.window_steps = 0.0, 0
+    if cfg.eval_strategy == "steps" and progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0:
+        run_evaluation(run)
+    if cfg.save_strategy == "steps" and progress.global_step % cfg.save_steps == 0:
+        checkpoint(run)
+
+
+def end_of_epoch(run):
+    if run.cfg.eval_strategy == "epoch":
+        run_evaluation(run)
+    if run.cfg.save_strategy == "epoch":
+        checkpoint(run)
+
+
+def run_evaluation(run):
+    results, confusion = evaluate(run.model, run.eval_dl, run.accelerator, run.num_labels)
+    results["epoch"] = round(run.progress.global_step / run.steps_per_epoch, 2)
+    run.log.write(results, run.progress.global_step)
+    run.last_eval = {"step": run.progress.global_step, "results": results, "confusion_matrix": confusion}
+
+
+def checkpoint(run):
+    run.progress.window_loss = float(run.progress.window_loss)  # tensors -> plain floats for JSON
+    run.progress.total_loss = float(run.progress.total_loss)
+    save_checkpoint(run.accelerator, run.cfg, run.progress)
+
+
+def train(run):
+    """Epochs until total_steps; returns the train summary."""
+    start = time.perf_counter()
+    first_step = run.progress.global_step
+    first_epoch = first_step // run.steps_per_epoch
+    num_epochs = math.ceil(run.total_steps / run.steps_per_epoch)
+    pbar = tqdm(total=run.total_steps, initial=first_step, disable=not run.accelerator.is_local_main_process)
+    for epoch in range(first_epoch, num_epochs):
+        train_one_epoch(run, epoch, pbar)
+        if run.progress.global_step % run.steps_per_epoch == 0 or run.progress.global_step == run.total_steps:
+            end_of_epoch(run)
+    pbar.close()
+    runtime = time.perf_counter() - start
+    steps = run.progress.global_step - first_step
+    global_batch = run.cfg.per_device_train_batch_size * run.cfg.gradient_accumulation_steps * run.accelerator.num_processes
+    return {
+        "train_runtime": round(runtime, 4),
+        "train_samples_per_second": round(steps * global_batch / runtime, 3),
+        "train_steps_per_second": round(steps / runtime, 3),
+        "train_loss": float(run.progress.total_loss) / run.progress.global_step,
+        "epoch": round(run.progress.global_step / run.steps_per_epoch, 2),
+    }
+
+
+def finish(run, summary, tokenizer):
+    """Train summary, final evaluation (the seed's `trainer.evaluate()`), and the model for serving."""
+    cfg, accelerator = run.cfg, run.accelerator
+    run.log.write(summary, run.progress.global_step)
+    final = None
+    if run.eval_dl is not None:
+        if run.last_eval is None or run.last_eval["step"] != run.progress.global_step:
+            run_evaluation(run)  # no evaluation at the last step yet: run one now
+        final = {**run.last_eval["results"], "eval_samples": len(run.eval_dl.dataset),
+                 "confusion_matrix": run.last_eval["confusion_matrix"]}
+        accelerator.print(run.last_eval["results"])
+        if accelerator.is_main_process:
+            write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+    model_utils.save_for_serving(accelerator, run.model, tokenizer, cfg.final_model_dir)
+    accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
+    accelerator.end_training()
+    return final
+
+
+def print_banner(run, num_train_rows, warmup):
+    cfg, acc = run.cfg, run.accelerator
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+    acc.print(
+        f"***** training *****\n"
+        f"  examples {num_train_rows:,} | processes {acc.num_processes} | device {acc.device} | "
+        f"precision {acc.mixed_precision}\n"
+        f"  batch per device {cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
+        f" x processes {acc.num_processes} = {global_batch} rows per optimizer step\n"
+        f"  steps per epoch {run.steps_per_epoch:,} | total steps {run.total_steps:,} | warm-up steps {warmup:,}"
+        + (f"\n  resuming at step {run.progress.global_step:,}" if run.progress.global_step else "")
+    )
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    with exit_on_usage_error():
+        cfg = parse_config(argv)
+        return run_training(cfg)
+
+
+def run_training(cfg):
+    accelerator = build_accelerator(cfg)
+    set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
+    tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
+    train_ds, eval_ds, label_names = prepare_datasets(cfg, tokenizer, accelerator)
+    model = model_utils.load_model(cfg.model_name_or_path, label_names)
+    require(cfg.max_length <= model.config.max_position_embeddings,
+            f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
+    collator = data.build_collator(tokenizer, accelerator.mixed_precision)
+    train_dl, eval_dl = data.build_dataloaders(
+        train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
+        cfg.seed, cfg.dataloader_num_workers,
+    )
+    optimizer = build_optimizer(model, cfg)
+    # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
+    steps_per_epoch, total_steps, warmup, _ = schedule_lengths(cfg, len(train_dl))
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    ))
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    progress = Progress()
+    if cfg.resume_from_checkpoint:
+        progress = load_checkpoint(accelerator, cfg, cfg.resume_from_checkpoint)
+    accelerator.init_trackers("train_loop", config=trackable(cfg))
+    log = RunLog(accelerator, os.path.join(cfg.output_dir, "log_history.jsonl"),
+                 resumed_step=progress.global_step if cfg.resume_from_checkpoint else None)
+    if not cfg.resume_from_checkpoint and accelerator.is_main_process and os.path.exists(log.path):
+        os.remove(log.path)  # a fresh run starts a fresh history
+    run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, len(label_names),
+              steps_per_epoch, total_steps, log, progress)
+    print_banner(run, len(train_ds), warmup)
+    summary = train(run)
+    return finish(run, summary, tokenizer)
+
+
+def trackable(cfg):
+    """TensorBoard's hparams take numbers, strings and booleans only."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+
+
+if __name__ == "__main__":
+    main()
