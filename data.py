@@ -3,7 +3,7 @@
     raw = load_splits(cfg.dataset_name, cfg.train_split, cfg.eval_split)
     label_names = validate(raw, cfg.text_column, cfg.label_column)
     tokenized = tokenize(raw, tokenizer, ...)      # input_ids, attention_mask, labels; no padding
-    train_dl, eval_dl = build_dataloaders(...)     # padding happens here, per batch
+    train_dl, eval_dl = build_dataloaders(...)     # length-grouped batches, padded per batch
 
 `dataset_name` is a Hub id (`imdb`), a local dataset folder (`../shared/data/imdb`), or local
 csv/json/parquet files: one file (`reviews.csv`, its rows form the `train` split) or several as
@@ -14,8 +14,9 @@ import math
 import os
 
 import datasets
+import pyarrow.compute as pc
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
 
 from errors import UsageError, require_local_or_reachable
@@ -176,7 +177,115 @@ def tokenize(ds, tokenizer, text_column, label_column, label_names, max_length):
 
 
 # -----------------------------------------------------------------------------
-# batching
+# batching: rows of similar length together, so padding (pure waste) stays small
+
+
+def token_lengths(ds):
+    """Tokens per row as a (N,) tensor, read from the Arrow list offsets: no Python lists of ids."""
+    column = ds.with_format("arrow")["input_ids"]  # respects a select()/shuffle() index mapping
+    return torch.from_numpy(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64"))
+
+
+def with_row_numbers(ds):
+    """Add a `row` column (0..N-1) so batches say which rows they hold, whatever order they come in."""
+    return ds.add_column("row", list(range(len(ds))))
+
+
+def step_plan(num_rows, batch_size, num_processes):
+    """(full steps, rows left for the tail, tail batches) of one epoch; see `length_grouped_batches`.
+
+    A step takes `num_processes` batches, one per process. The rows that do not fill a last full
+    step are spread evenly over `num_processes * k` smaller batches, so every process gets the same
+    number of batches without any row repeated or dropped. Fewer tail rows than processes cannot be
+    spread that way: they join the last full step instead.
+    """
+    step_rows = batch_size * num_processes
+    full_steps, tail_rows = divmod(num_rows, step_rows)
+    if 0 < tail_rows < num_processes and full_steps:
+        full_steps, tail_rows = full_steps - 1, tail_rows + step_rows
+    # As many batches as needed to keep each <= batch_size, but never an empty one (batch_size 1).
+    tail_steps = min(math.ceil(tail_rows / step_rows), tail_rows // num_processes)
+    return full_steps, tail_rows, tail_steps * num_processes
+
+
+def length_grouped_batches(lengths, batch_size, num_processes, generator, mega_batch_mult=50):
+    """One epoch of batches (lists of row ids) where each batch holds rows of similar length.
+
+    Trainer's LengthGroupedSampler idea: shuffle all rows, cut them into mega-batches of
+    `mega_batch_mult` steps, sort each mega-batch by length, cut it into steps of
+    `num_processes` batches (so the batches the processes run side by side have similar lengths
+    too), then shuffle the steps, so the loss does not see long-to-short sawtooth runs.
+    The step holding the longest row goes first: if memory runs out, it does so at once.
+    """
+    num_rows, step_rows = len(lengths), batch_size * num_processes
+    full_steps, tail_rows, tail_batches = step_plan(num_rows, batch_size, num_processes)
+    order = torch.randperm(num_rows, generator=generator)
+    mega_batches = order.split(step_rows * mega_batch_mult)
+    order = torch.cat([mb[lengths[mb].argsort(descending=True, stable=True)] for mb in mega_batches])
+    steps = list(order[: full_steps * step_rows].split(step_rows)) if full_steps else []
+    steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+    if steps:
+        longest = max(range(len(steps)), key=lambda i: int(lengths[steps[i][0]]))  # each step is sorted
+        steps[0], steps[longest] = steps[longest], steps[0]
+    batches = [batch for step in steps for batch in step.split(batch_size)]
+    if tail_batches:
+        batches += order[num_rows - tail_rows:].tensor_split(tail_batches)
+    return [batch.tolist() for batch in batches]
+
+
+class LengthGroupedBatchSampler:
+    """Length-grouped training batches whose order is a pure function of (seed, epoch).
+
+    So every process computes the same batches and accelerate's BatchSamplerShard hands each
+    process its own (batch i goes to process i % num_processes), and a resumed run that calls
+    `set_epoch(epoch)` and skips the batches already done sees exactly what an uninterrupted run saw.
+    Deliberately no `batch_size` attribute: BatchSamplerShard then takes the batches as they
+    are (the tail ones are smaller) instead of topping the last step up with repeated rows.
+    """
+
+    def __init__(self, lengths, batch_size, num_processes=1, seed=0, mega_batch_mult=50):
+        if len(lengths) < num_processes:
+            raise UsageError(f"{len(lengths)} training rows cannot be shared by {num_processes} processes.")
+        self.lengths = torch.as_tensor(lengths)
+        self.rows_per_batch = batch_size
+        self.num_processes = num_processes
+        self.seed = seed
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def sampler(self):
+        """Under BatchSamplerShard, DataLoaderShard.set_epoch reaches us as `.batch_sampler.sampler`."""
+        return self
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # no (seed, epoch) clashes
+        yield from length_grouped_batches(
+            self.lengths, self.rows_per_batch, self.num_processes, generator, self.mega_batch_mult
+        )
+
+    def __len__(self):
+        full_steps, _, tail_batches = step_plan(len(self.lengths), self.rows_per_batch, self.num_processes)
+        return full_steps * self.num_processes + tail_batches
+
+
+class LengthSortedSampler(Sampler):
+    """Evaluation rows longest first: each batch pads to almost nothing, and memory peaks at once.
+
+    `evaluate` puts the predictions back in dataset order with the `row` column.
+    """
+
+    def __init__(self, lengths):
+        self.order = torch.as_tensor(lengths).argsort(descending=True, stable=True).tolist()
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
 
 
 def build_collator(tokenizer, mixed_precision):
@@ -185,24 +294,40 @@ def build_collator(tokenizer, mixed_precision):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
 
-def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_size, seed, num_workers=0):
-    """Shuffled training batches (the order depends only on `seed` and the epoch) and ordered eval batches.
+def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_size, seed, num_workers=0,
+                      group_by_length=True, num_processes=1):
+    """Training batches in a seeded order that depends only on `seed` and the epoch; evaluation
+    batches sorted by length, their rows numbered so results can be put back in dataset order.
 
-    The generators keep DataLoader from drawing on the global torch RNG, which also drives dropout:
-    a resumed run then sees exactly the dropout masks of an uninterrupted one.
+    group_by_length: batches of similar-length rows (see `length_grouped_batches`); else a plain
+    shuffle. num_processes: how many processes will share the batches (accelerator.num_processes).
+    Every loader draws on its own seeded generator (the order, and the seed each new iterator
+    takes), never on the global torch RNG, which also drives dropout: a resumed run then sees
+    exactly the dropout masks of an uninterrupted one.
     """
-    train_dl = DataLoader(
-        train_ds,
-        shuffle=True,
-        batch_size=train_batch_size,
-        collate_fn=collator,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    if group_by_length:
+        batches = LengthGroupedBatchSampler(token_lengths(train_ds), train_batch_size, num_processes, seed)
+        train_dl = DataLoader(
+            train_ds,
+            batch_sampler=batches,
+            collate_fn=collator,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),  # each new iterator draws a worker seed from it
+        )
+    else:
+        train_dl = DataLoader(
+            train_ds,
+            shuffle=True,
+            batch_size=train_batch_size,
+            collate_fn=collator,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
     eval_dl = None
     if eval_ds is not None:
         eval_dl = DataLoader(
-            eval_ds,
+            with_row_numbers(eval_ds),
+            sampler=LengthSortedSampler(token_lengths(eval_ds)),
             batch_size=eval_batch_size,
             collate_fn=collator,
             num_workers=num_workers,

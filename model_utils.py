@@ -30,7 +30,7 @@ def load_tokenizer(name_or_path):
         ) from None
 
 
-def load_model(name_or_path, label_names):
+def load_model(name_or_path, label_names, attn_implementation=None):
     """Pretrained encoder + a new, randomly initialised classification head with one output per label.
 
     `id2label`/`label2id` go into the model's config, so the saved model answers with the
@@ -44,6 +44,7 @@ def load_model(name_or_path, label_names):
             num_labels=len(label_names),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
+            attn_implementation=attn_implementation,  # None: the model's default (sdpa)
         )
     except (OSError, ValueError) as err:
         raise UsageError(
