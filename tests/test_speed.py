@@ -6,6 +6,9 @@ evaluation may run in any order but must report in dataset order.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -19,6 +22,8 @@ import data
 import model_utils
 import train_loop
 from conftest import train_args
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
@@ -259,11 +264,13 @@ def evaluate_on_each_process(tiny_bert, csv_data, out):
 
 
 def test_two_process_evaluation_reports_each_row_once_in_dataset_order(tiny_bert, csv_data, tmp_path):
-    from accelerate import debug_launcher
-
-    debug_launcher(evaluate_on_each_process, args=(tiny_bert, csv_data, tmp_path / "two.pt"), num_processes=2)
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
+    # debug_launcher forks: from a fresh interpreter, since forking this one after torch has started
+    # its OpenMP threads can deadlock the children.
+    launch = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]; from accelerate import debug_launcher; "
+              f"from test_speed import evaluate_on_each_process as f; "
+              f"debug_launcher(f, args=({tiny_bert!r}, {csv_data!r}, {str(tmp_path / 'two.pt')!r}), num_processes=2)")
+    done = subprocess.run([sys.executable, "-c", launch], timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     evaluate_on_each_process(tiny_bert, csv_data, tmp_path / "one.pt")
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     assert (two["processes"], one["processes"]) == (2, 1)
