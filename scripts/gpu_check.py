@@ -1,0 +1,176 @@
+"""GPU check of train_loop.py: a bert-base-sized BERT (random weights) on IMDb-shaped synthetic reviews.
+
+Driven by scripts/gpu_check.sh; nothing here needs network. Three commands:
+
+    python scripts/gpu_check.py make --out DIR          # random bert-base + WordPiece vocab, 25k/1k reviews
+    accelerate launch --mixed_precision bf16 scripts/gpu_check.py run --out DIR --precision bf16 --steps 300
+    python scripts/gpu_check.py report --out DIR        # the table, and a non-zero exit if a check failed
+
+`run` trains through train_loop.main (the same code path as a real run), then records samples/s,
+real tokens/s, MFU against a bf16 matmul peak timed in the same process, peak GPU memory, whether
+every logged loss is finite, and under fp16 how the grad scaler behaved.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+WORDS = 30_000  # vocabulary of synthetic words, bert-base-uncased's size
+
+
+def make(out, smoke=False):
+    """A random bert-base (110M parameters) with a WordPiece tokenizer, and IMDb-shaped reviews.
+
+    smoke: a 2-layer, hidden-64 BERT and 200 reviews, to try the whole script on a CPU.
+    """
+    import pandas as pd
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    os.makedirs(f"{out}/bert-base", exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(WORDS)]
+    with open(f"{out}/bert-base/vocab.txt", "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=f"{out}/bert-base/vocab.txt", model_max_length=512).save_pretrained(f"{out}/bert-base")
+    torch.manual_seed(0)
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if smoke else {}
+    BertModel(BertConfig(vocab_size=len(vocab), **small)).save_pretrained(f"{out}/bert-base")  # default: bert-base
+    rng = random.Random(0)
+    for split, rows in (("train", 200), ("test", 50)) if smoke else (("train", 25_000), ("test", 1_000)):
+        reviews = []
+        for _ in range(rows):
+            # IMDb's length spread: median ~175 words, a long tail past 512 tokens.
+            n = max(8, min(1000, int(rng.lognormvariate(5.2, 0.7))))
+            label = rng.random() < 0.5
+            words = [f"w{rng.randrange(WORDS)}" for _ in range(n)]
+            words[rng.randrange(n)] = "w1" if label else "w2"  # one word decides: a learnable signal
+            reviews.append({"text": " ".join(words), "label": int(label)})
+        pd.DataFrame(reviews).to_csv(f"{out}/{split}.csv", index=False)
+
+
+def bf16_matmul_peak(size=8192, seconds=2.0):
+    """Best bf16 TFLOP/s of a large square matmul on this GPU: the practical peak MFU is measured against."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        count += 10
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def run(args):
+    import data
+    import train_loop
+
+    peak = bf16_matmul_peak() if torch.cuda.is_available() else float("nan")  # nan: a CPU smoke run
+    captured = {}
+    real_finish = train_loop.finish
+
+    def finish(run_, summary, tokenizer):  # keep the Run: the scaler, the step counts and the data live there
+        captured["run"] = run_
+        return real_finish(run_, summary, tokenizer)
+
+    train_loop.finish = finish
+    steps = ["--num_train_epochs", "1"] if args.full_epoch else ["--max_steps", str(args.steps)]
+    out = f"{args.out}/run-{args.precision}{'-epoch' if args.full_epoch else ''}"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    final = train_loop.main([
+        "--model_name_or_path", f"{args.out}/bert-base",
+        "--dataset_name", f"train={args.out}/train.csv,test={args.out}/test.csv",
+        "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", "128",
+        "--max_length", "512", *steps, "--learning_rate", "3e-5", "--warmup_steps", "0.1",
+        "--logging_steps", str(max(1, min(25, args.steps // 4))), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+        "--dataloader_num_workers", "4", "--output_dir", f"{out}/results", "--logging_dir", f"{out}/logs",
+        "--final_model_dir", f"{out}/model",
+    ])
+    run_ = captured["run"]
+    if not run_.accelerator.is_main_process:
+        return
+    with open(f"{out}/results/log_history.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    summary = next(r for r in records if "train_runtime" in r)
+    losses = [r["loss"] for r in records if "loss" in r]
+    # Collation runs in the loader's worker processes, so tokens are counted from the data instead:
+    # the rows are a random draw, so a step's tokens average those of the whole training set.
+    lengths = data.token_lengths(run_.train_dl.dataset).double()
+    epoch = data.length_grouped_batches(lengths, args.batch, 1, torch.Generator().manual_seed(0))
+    padded = sum(len(b) * lengths[b].max().item() for b in epoch)
+    model = run_.accelerator.unwrap_model(run_.model)
+    nonembedding = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
+    mean_flops = (6 * nonembedding * lengths + 12 * model.config.num_hidden_layers * model.config.hidden_size
+                  * lengths**2).mean().item()  # bench.flops_per_row, averaged over the rows
+    rate = summary["train_samples_per_second"]
+    scheduler_steps = run_.lr_scheduler.scheduler.last_epoch
+    report = {
+        "precision": args.precision, "steps": run_.progress.global_step, "batch": args.batch,
+        "samples/s": rate, "real tokens/s": rate * lengths.mean().item(),
+        "padded share": 1 - lengths.sum().item() / padded, "MFU vs bf16 peak": rate * mean_flops / (peak * 1e12),
+        "bf16 peak TFLOP/s": peak, "peak GPU GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "25k-review epoch s (est.)": 25_000 / rate,
+        "first/last loss": [losses[0], losses[-1]], "eval accuracy": final["eval_accuracy"],
+        "losses finite": all(math.isfinite(x) for x in losses),
+        "skipped steps": run_.progress.global_step - scheduler_steps,  # fp16: steps with inf/nan grads
+        "fp16 scale": run_.accelerator.scaler.get_scale() if run_.accelerator.scaler is not None else None,
+        "full epoch": args.full_epoch, "train_runtime": summary["train_runtime"],
+    }
+    with open(f"{args.out}/report.jsonl", "a") as f:
+        f.write(json.dumps(report) + "\n")
+    print(report)
+
+
+def checks(r):
+    """What must hold for a run to pass; an empty list when it does."""
+    failed = [] if r["losses finite"] else ["a logged loss is inf/nan"]
+    if r["precision"] == "fp16":  # the scaler skips a few steps while it finds its scale, then settles
+        if not (r["fp16 scale"] and 1.0 <= r["fp16 scale"] < 2**24):
+            failed.append(f"fp16 scale {r['fp16 scale']} outside [1, 2^24)")
+        if r["skipped steps"] > max(10, 0.05 * r["steps"]):
+            failed.append(f"fp16 skipped {r['skipped steps']} of {r['steps']} steps")
+    elif r["skipped steps"]:
+        failed.append(f"{r['skipped steps']} steps skipped without fp16")
+    return failed
+
+
+def report(out):
+    with open(f"{out}/report.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    columns = ["samples/s", "real tokens/s", "padded share", "MFU vs bf16 peak", "peak GPU GiB",
+               "25k-review epoch s (est.)", "skipped steps", "fp16 scale", "first/last loss"]
+    print("| run | " + " | ".join(columns) + " | checks |\n" + "|---" * (len(columns) + 2) + "|")
+    failures = 0
+    for r in rows:
+        failed = checks(r)
+        failures += bool(failed)
+        name = f"{r['precision']} {'full epoch' if r['full epoch'] else str(r['steps']) + ' steps'} (batch {r['batch']})"
+        cells = [f"{r[c]:.1%}" if "share" in c or "MFU" in c else f"{r[c]:,.1f}" if isinstance(r[c], float) else str(r[c])
+                 for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(failed) or 'ok'} |")
+    print(f"bf16 matmul peak: {rows[0]['bf16 peak TFLOP/s']:.0f} TFLOP/s")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["make", "run", "report"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="bf16")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--full_epoch", action="store_true", help="one pass over all 25k reviews instead of --steps")
+    parser.add_argument("--smoke", action="store_true", help="make: a tiny model and 200 reviews (CPU try-out)")
+    arguments = parser.parse_args()
+    {"make": lambda a: make(a.out, a.smoke), "run": run, "report": lambda a: report(a.out)}[arguments.command](arguments)
