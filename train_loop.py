@@ -14,6 +14,7 @@ one GPU or many, in fp32, fp16 or bf16.
     accelerate launch --multi_gpu --num_processes 2 train_loop.py
     python train_loop.py config.json               # every flag can come from a JSON or YAML file
     python train_loop.py --resume_from_checkpoint latest       # continue an interrupted run
+    python train_loop.py --no_group_by_length      # plain shuffled batches (grouping by length is the default)
 """
 
 import dataclasses
@@ -307,8 +308,9 @@ def evaluate(model, dataloader, accelerator, num_labels):
                 kept.append(values.cpu())
     model.train()
     runtime = time.perf_counter() - start
-    dataset_order = torch.cat(rows).argsort()
-    require_permutation(torch.cat(rows))
+    rows = torch.cat(rows)
+    require_permutation(rows)
+    dataset_order = rows.argsort()
     predictions, references = torch.cat(predictions)[dataset_order], torch.cat(references)[dataset_order]
     scores = ClassificationMetrics(keep_in_memory=True).compute(
         predictions=predictions.tolist(), references=references.tolist(), num_labels=num_labels
