@@ -14,6 +14,7 @@ one GPU or many, in fp32, fp16 or bf16.
     accelerate launch --multi_gpu --num_processes 2 train_loop.py
     python train_loop.py config.json               # every flag can come from a JSON or YAML file
     python train_loop.py --resume_from_checkpoint latest       # continue an interrupted run
+    python train_loop.py ... --log_layer_grad_norms --profile_steps 4   # study mode: see README_study.md
 """
 
 import dataclasses
@@ -37,6 +38,8 @@ from transformers import HfArgumentParser, SchedulerType, get_scheduler
 
 import data
 import model_utils
+import plots
+import study
 from errors import UsageError, exit_on_usage_error
 from metrics import ClassificationMetrics
 
@@ -94,6 +97,14 @@ class TrainConfig:
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "old name of eval_strategy (removed in transformers 5), still accepted"}
     )
+    # study mode (study.py, plots.py): off unless asked for, and then no extra work on other steps
+    log_layer_grad_norms: bool = field(
+        default=False, metadata={"help": "per-layer grad norms and update/weight ratios at each logging step, "
+                                         "to TensorBoard and output_dir/layer_stats.jsonl"})
+    profile_steps: int = field(
+        default=0, metadata={"help": "torch.profiler over this many steps after 3 warm-up steps; "
+                                     "trace in logging_dir/profile, summary printed"})
+    plots: bool = field(default=True, metadata={"help": "training_curves.png and confusion_matrix.png in output_dir"})
 
 
 # Changing these between a checkpoint and its resume would change which rows each step sees.
@@ -148,6 +159,7 @@ def validate_config(cfg):
     require(cfg.eval_split is not None or cfg.eval_strategy == "no",
             "--eval_split is empty, so there is nothing to evaluate on: also pass --eval_strategy no.")
     require(cfg.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+    require(cfg.profile_steps >= 0, f"--profile_steps must be >= 0 (0: no profiling), not {cfg.profile_steps}.")
     if cfg.resume_from_checkpoint:
         cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     return cfg
@@ -399,6 +411,8 @@ class Run:
     log: RunLog
     progress: Progress
     last_eval: Optional[dict] = None
+    layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
+    profiler: Optional[study.StepProfiler] = None  # --profile_steps
 
 
 def train_one_epoch(run, epoch, pbar):
@@ -417,6 +431,7 @@ def train_one_epoch(run, epoch, pbar):
             micro_batches += 1
             if not accelerator.sync_gradients:  # more micro-batches to accumulate before this step
                 continue
+            watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None  # pre-clip norms
             # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
@@ -426,13 +441,19 @@ def train_one_epoch(run, epoch, pbar):
             optimizer.zero_grad()
         # The mean loss of this step, averaged over processes so every process holds the same window.
         step_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean")
-        after_step(run, step_loss, grad_norm, learning_rate, pbar)
+        after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
         step_loss, micro_batches = 0.0, 0
         if run.progress.global_step >= run.total_steps:
             break
 
 
-def after_step(run, step_loss, grad_norm, learning_rate, pbar):
+def layer_stats_due(run):
+    """--log_layer_grad_norms, on the coming step if it logs, on the process that writes."""
+    return (run.layer_log is not None and run.accelerator.is_main_process
+            and (run.progress.global_step + 1) % run.cfg.logging_steps == 0)
+
+
+def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
     """Book-keeping of one optimizer step: counters, and the log / eval / save that fall due on it."""
     cfg, progress = run.cfg, run.progress
     progress.global_step += 1
@@ -446,10 +467,14 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar):
         run.log.write(record, progress.global_step)
         pbar.set_postfix(loss=record["loss"])
         progress.window_loss, progress.window_steps = 0.0, 0
+        if watch is not None:
+            run.layer_log.write(watch, progress.global_step)
     if cfg.eval_strategy == "steps" and progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0:
         run_evaluation(run)
     if cfg.save_strategy == "steps" and progress.global_step % cfg.save_steps == 0:
         checkpoint(run)
+    if run.profiler is not None:
+        run.profiler.step()
 
 
 def end_of_epoch(run):
@@ -499,6 +524,8 @@ def train(run):
 def finish(run, summary, tokenizer):
     """Train summary, final evaluation (the seed's `trainer.evaluate()`), and the model for serving."""
     cfg, accelerator = run.cfg, run.accelerator
+    if run.profiler is not None:
+        run.profiler.close()  # a run shorter than the profiling window: save what was recorded
     run.log.write(summary, run.progress.global_step)
     final = None
     if run.eval_dl is not None:
@@ -509,6 +536,9 @@ def finish(run, summary, tokenizer):
         accelerator.print(run.last_eval["results"])
         if accelerator.is_main_process:
             write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+    if cfg.plots and accelerator.is_main_process:
+        written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
+        accelerator.print(f"wrote {', '.join(written)}")
     model_utils.save_for_serving(accelerator, run.model, tokenizer, cfg.final_model_dir)
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
@@ -572,9 +602,21 @@ def run_training(cfg):
         os.remove(log.path)  # a fresh run starts a fresh history
     run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, len(label_names),
               steps_per_epoch, total_steps, log, progress)
+    attach_study_tools(run)
     print_banner(run, len(train_ds), warmup)
     summary = train(run)
     return finish(run, summary, tokenizer)
+
+
+def attach_study_tools(run):
+    """--log_layer_grad_norms and --profile_steps: with the flags off nothing is created and nothing runs."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.log_layer_grad_norms:
+        resumed_step = run.progress.global_step if cfg.resume_from_checkpoint else None
+        run.layer_log = study.LayerLog(accelerator, os.path.join(cfg.output_dir, "layer_stats.jsonl"), resumed_step)
+    if cfg.profile_steps:
+        run.profiler = study.StepProfiler(run.model, cfg.profile_steps, os.path.join(cfg.logging_dir, "profile"),
+                                          os.path.join(cfg.output_dir, "profile_summary.txt"), accelerator)
 
 
 def trackable(cfg):
