@@ -117,18 +117,19 @@ def walk_through(model, batch, optimizer, accelerator, max_grad_norm, keep=study
 def forward_table(rows, batch, precision):
     """One line per recorded module output; a blank line between layers."""
     ids = batch["input_ids"]
+    width = max([48] + [len(row.path) for row in rows])
     real = batch["attention_mask"].float().mean().item() if "attention_mask" in batch else 1.0
     lines = [f"FORWARD  one batch: {ids.shape[0]} rows x {ids.shape[1]} tokens ({real:.0%} real tokens, "
              f"the rest padding), precision {precision}, train mode (dropout on)",
              "         statistics over every element of the output, padding positions included",
-             f"{'module':<48} {'output shape':<16} {'dtype':<9} {'mean':>9} {'std':>9} {'max |x|':>9}"]
+             f"{'module':<{width}} {'output shape':<16} {'dtype':<9} {'mean':>9} {'std':>9} {'max |x|':>9}"]
     previous = None
     for row in rows:
         layer = study.layer_of(row.path)
         if previous is not None and layer != previous and "layer." in previous + layer:
             lines.append("")  # a blank line around each encoder layer's rows
         previous = layer
-        lines.append(f"{row.path:<48} {str(row.shape):<16} {row.dtype:<9} "
+        lines.append(f"{row.path:<{width}} {str(row.shape):<16} {row.dtype:<9} "
                      f"{row.mean:>9.4f} {row.std:>9.4f} {row.max_abs:>9.4f}")
     return "\n".join(lines)
 

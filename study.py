@@ -9,7 +9,8 @@ Each tool exists only while asked for, so with the flags off training does no ex
     accelerator.backward(outputs.loss)
     watch = LayerWatch(model, accelerator)           # grad norms now (before clipping) ...
     accelerator.clip_grad_norm_(model.parameters(), 1.0); optimizer.step()
-    watch.per_layer()                                # ... and what the step did to each layer
+    watch.measure_update()                           # ... and what the step did to each weight
+    watch.per_layer()                                # {layer: {"grad_norm", "update_ratio"}}
 
     profiler = StepProfiler(model, 4, trace_dir, summary_path, accelerator)
     profiler.step()                                  # once per optimizer step; it stops itself
@@ -211,8 +212,9 @@ class LayerLog:
         self.accelerator = accelerator
         self.path = path
         if accelerator.is_main_process and os.path.exists(path):
-            keep = [] if resumed_step is None else [l for l in open(path) if json.loads(l)["step"] <= resumed_step]
-            with open(path, "w") as f:  # a fresh run starts empty; a resumed one drops what it will redo
+            with open(path) as f:  # a fresh run starts empty; a resumed one drops what it will redo
+                keep = [line for line in f if resumed_step is not None and json.loads(line)["step"] <= resumed_step]
+            with open(path, "w") as f:
                 f.writelines(keep)
 
     def write(self, watch, step):
@@ -291,8 +293,9 @@ class StepProfiler:
 
     def trace_ready(self, prof):
         os.makedirs(self.trace_dir, exist_ok=True)
-        torch.profiler.tensorboard_trace_handler(self.trace_dir)(prof)
-        trace = max(glob.glob(os.path.join(self.trace_dir, "*.pt.trace.json")), key=os.path.getmtime)
+        worker = f"rank{self.accelerator.process_index}"  # every process profiles and writes its own trace
+        torch.profiler.tensorboard_trace_handler(self.trace_dir, worker_name=worker)(prof)
+        trace = max(glob.glob(os.path.join(self.trace_dir, f"{worker}.*.pt.trace.json")), key=os.path.getmtime)
         self.summary = profile_summary(prof, trace)
         if self.accelerator.is_main_process:
             self.accelerator.print(self.summary)

@@ -431,7 +431,8 @@ def train_one_epoch(run, epoch, pbar):
             micro_batches += 1
             if not accelerator.sync_gradients:  # more micro-batches to accumulate before this step
                 continue
-            watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None  # pre-clip norms
+            # --log_layer_grad_norms on a logging step: per-layer norms before clipping, weights before the step
+            watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
             # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)

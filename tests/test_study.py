@@ -169,10 +169,17 @@ def run_training(out, model, dataset, *flags):
 @pytest.fixture(scope="module")
 def runs(tiny_bert, csv_data, tmp_path_factory):
     """The same tiny run twice: every study flag off, and every study flag on."""
-    off = run_training(tmp_path_factory.mktemp("off"), tiny_bert, csv_data, "--plots", "false")
+    with pytest.MonkeyPatch.context() as patch:  # flags off: no study tool may even be built
+        for owner, name in ((study, "LayerWatch"), (study, "LayerLog"), (study, "StepProfiler"), (plots, "plot_run")):
+            patch.setattr(owner, name, forbidden)
+        off = run_training(tmp_path_factory.mktemp("off"), tiny_bert, csv_data, "--plots", "false")
     on = run_training(tmp_path_factory.mktemp("on"), tiny_bert, csv_data,
                       "--log_layer_grad_norms", "--profile_steps", "3")
     return off, on
+
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("a study tool ran with the study flags off")
 
 
 TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second",
