@@ -104,7 +104,7 @@ RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_le
 def parse_config(argv=None):
     """Flags, or one JSON/YAML file; then validate, before anything heavy happens."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(TrainConfig)
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)  # a typo must not silently match a flag
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             (cfg,) = parser.parse_json_file(argv[0], allow_extra_keys=False)
