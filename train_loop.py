@@ -180,20 +180,25 @@ def build_accelerator(cfg):
         raise UsageError(f"cannot set up devices/precision: {err} (on CPU use --mixed_precision bf16 or no).") from None
 
 
-def prepare_datasets(cfg, tokenizer, accelerator):
-    """Raw splits -> validated -> subset -> tokenized (once, on the main process first; then cached)."""
+def load_data(cfg):
+    """Raw splits, validated and subset, with the label names: all before any model is downloaded."""
     splits = data.load_splits(cfg.dataset_name, cfg.train_split, cfg.eval_split)
     label_names = data.validate(splits, cfg.text_column, cfg.label_column)
     limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples}
     splits = {role: data.take_subset(ds, limits[role], cfg.seed) for role, ds in splits.items()}
     if len(set(splits["train"][cfg.label_column])) < 2:
         raise UsageError(f"the {len(splits['train'])}-row training subset has one class only; take more rows.")
-    with accelerator.main_process_first():  # the main process tokenizes and writes the cache; others read it
+    return splits, label_names
+
+
+def tokenize_data(cfg, splits, label_names, tokenizer, accelerator):
+    """(train, eval or None), tokenized once by the main process, then read from the cache by all."""
+    with accelerator.main_process_first():
         tokenized = {
             role: data.tokenize(ds, tokenizer, cfg.text_column, cfg.label_column, label_names, cfg.max_length)
             for role, ds in splits.items()
         }
-    return tokenized["train"], tokenized.get("eval"), label_names
+    return tokenized["train"], tokenized.get("eval")
 
 
 def build_optimizer(model, cfg):
@@ -542,8 +547,9 @@ def main(argv=None):
 def run_training(cfg):
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
+    splits, label_names = load_data(cfg)
     tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
-    train_ds, eval_ds, label_names = prepare_datasets(cfg, tokenizer, accelerator)
+    train_ds, eval_ds = tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
     model = model_utils.load_model(cfg.model_name_or_path, label_names)
     require(cfg.max_length <= model.config.max_position_embeddings,
             f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
