@@ -91,6 +91,7 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or latest"})
+    do_train: bool = field(default=True, metadata={"help": "False: only evaluate --model_name_or_path"})
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "old name of eval_strategy (removed in transformers 5), still accepted"}
     )
@@ -145,6 +146,7 @@ def validate_config(cfg):
             f"--warmup_steps must be a whole number of steps or a fraction below 1, not {cfg.warmup_steps}.")
     require(cfg.max_steps > 0 or cfg.num_train_epochs > 0,
             "set --num_train_epochs > 0 or --max_steps > 0: there is nothing to train otherwise.")
+    require(cfg.do_train or cfg.eval_split, "--do_train False evaluates only, so it needs an --eval_split.")
     require(cfg.eval_split is not None or cfg.eval_strategy == "no",
             "--eval_split is empty, so there is nothing to evaluate on: also pass --eval_strategy no.")
     require(cfg.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
@@ -509,15 +511,29 @@ def finish(run, summary, tokenizer):
     if run.eval_dl is not None:
         if run.last_eval is None or run.last_eval["step"] != run.progress.global_step:
             run_evaluation(run)  # no evaluation at the last step yet: run one now
-        final = {**run.last_eval["results"], "eval_samples": len(run.eval_dl.dataset),
-                 "confusion_matrix": run.last_eval["confusion_matrix"]}
-        accelerator.print(run.last_eval["results"])
-        if accelerator.is_main_process:
-            write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+        final = report_evaluation(accelerator, cfg, run.last_eval["results"], run.last_eval["confusion_matrix"],
+                                  num_rows=len(run.eval_dl.dataset))
     model_utils.save_for_serving(accelerator, run.model, tokenizer, cfg.final_model_dir)
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final
+
+
+def report_evaluation(accelerator, cfg, results, confusion_matrix, num_rows):
+    """Print the results as the seed's `trainer.evaluate()` did; keep them in output_dir/eval_results.json."""
+    accelerator.print(results)
+    final = {**results, "eval_samples": num_rows, "confusion_matrix": confusion_matrix}
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+    return final
+
+
+def evaluate_only(cfg, accelerator, model, eval_dl, num_labels):
+    """`--do_train False`: one evaluation of the given model, e.g. --model_name_or_path ./fine-tuned-bert."""
+    model, eval_dl = accelerator.prepare(model, eval_dl)
+    results, confusion = evaluate(model, eval_dl, accelerator, num_labels)
+    return report_evaluation(accelerator, cfg, results, confusion, num_rows=len(eval_dl.dataset))
 
 
 def print_banner(run, num_train_rows, warmup):
@@ -558,6 +574,8 @@ def run_training(cfg):
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
         cfg.seed, cfg.dataloader_num_workers,
     )
+    if not cfg.do_train:
+        return evaluate_only(cfg, accelerator, model, eval_dl, len(label_names))
     optimizer = build_optimizer(model, cfg)
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
