@@ -58,8 +58,10 @@ def parse_dataset_name(dataset_name):
 def load_split(path, data_files, split):
     try:
         ds = datasets.load_dataset(path, data_files=data_files, split=split)
-    except ValueError as err:  # datasets says: Unknown split "x". Should be one of ['train', 'test'].
-        if "split" not in str(err).lower():
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' words for an empty file
+            raise UsageError(f"split {split!r} of {path!r} has no rows.") from None
+        if "split" not in str(err).lower():  # Unknown split "x". Should be one of ['train', 'test'].
             raise
         raise UsageError(
             f"split {split!r} is not in the dataset ({err}). Choose one with --train_split / "
@@ -68,9 +70,21 @@ def load_split(path, data_files, split):
         ) from None
     except FileNotFoundError as err:
         raise UsageError(f"--dataset_name {path!r}: {err}. Pass a Hub dataset id, a folder or data files.") from None
+    except datasets.exceptions.DatasetGenerationError as err:  # e.g. files whose columns differ
+        raise UsageError(
+            f"--dataset_name {path!r} could not be read ({generation_error_reason(err)}). Check that every "
+            "data file is well-formed and has the same columns, with the same types."
+        ) from None
     if len(ds) == 0:
         raise UsageError(f"split {split!r} of {path!r} has no rows.")
     return ds
+
+
+def generation_error_reason(err):
+    """The root cause's last line: datasets wraps it in "An error occurred while generating the dataset"."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[-1]
 
 
 # -----------------------------------------------------------------------------

@@ -68,8 +68,9 @@ def setup(cfg):
     """(accelerator, prepared model, prepared AdamW, one training batch on the device)."""
     accelerator = train_loop.build_accelerator(cfg)
     set_seed(cfg.seed)
+    splits, label_names = train_loop.load_data(cfg)
     tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
-    train_ds, _, label_names = train_loop.prepare_datasets(cfg, tokenizer, accelerator)
+    train_ds, _ = train_loop.tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
     model = model_utils.load_model(cfg.model_name_or_path, label_names)
     train_loop.require(cfg.max_length <= model.config.max_position_embeddings,
                        f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings}.")

@@ -94,6 +94,7 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or latest"})
+    do_train: bool = field(default=True, metadata={"help": "False: only evaluate --model_name_or_path"})
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "old name of eval_strategy (removed in transformers 5), still accepted"}
     )
@@ -115,7 +116,7 @@ RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_le
 def parse_config(argv=None):
     """Flags, or one JSON/YAML file; then validate, before anything heavy happens."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(TrainConfig)
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)  # a typo must not silently match a flag
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             (cfg,) = parser.parse_json_file(argv[0], allow_extra_keys=False)
@@ -156,6 +157,7 @@ def validate_config(cfg):
             f"--warmup_steps must be a whole number of steps or a fraction below 1, not {cfg.warmup_steps}.")
     require(cfg.max_steps > 0 or cfg.num_train_epochs > 0,
             "set --num_train_epochs > 0 or --max_steps > 0: there is nothing to train otherwise.")
+    require(cfg.do_train or cfg.eval_split, "--do_train False evaluates only, so it needs an --eval_split.")
     require(cfg.eval_split is not None or cfg.eval_strategy == "no",
             "--eval_split is empty, so there is nothing to evaluate on: also pass --eval_strategy no.")
     require(cfg.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
@@ -192,20 +194,25 @@ def build_accelerator(cfg):
         raise UsageError(f"cannot set up devices/precision: {err} (on CPU use --mixed_precision bf16 or no).") from None
 
 
-def prepare_datasets(cfg, tokenizer, accelerator):
-    """Raw splits -> validated -> subset -> tokenized (once, on the main process first; then cached)."""
+def load_data(cfg):
+    """Raw splits, validated and subset, with the label names: all before any model is downloaded."""
     splits = data.load_splits(cfg.dataset_name, cfg.train_split, cfg.eval_split)
     label_names = data.validate(splits, cfg.text_column, cfg.label_column)
     limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples}
     splits = {role: data.take_subset(ds, limits[role], cfg.seed) for role, ds in splits.items()}
     if len(set(splits["train"][cfg.label_column])) < 2:
         raise UsageError(f"the {len(splits['train'])}-row training subset has one class only; take more rows.")
-    with accelerator.main_process_first():  # the main process tokenizes and writes the cache; others read it
+    return splits, label_names
+
+
+def tokenize_data(cfg, splits, label_names, tokenizer, accelerator):
+    """(train, eval or None), tokenized once by the main process, then read from the cache by all."""
+    with accelerator.main_process_first():
         tokenized = {
             role: data.tokenize(ds, tokenizer, cfg.text_column, cfg.label_column, label_names, cfg.max_length)
             for role, ds in splits.items()
         }
-    return tokenized["train"], tokenized.get("eval"), label_names
+    return tokenized["train"], tokenized.get("eval")
 
 
 def build_optimizer(model, cfg):
@@ -532,11 +539,8 @@ def finish(run, summary, tokenizer):
     if run.eval_dl is not None:
         if run.last_eval is None or run.last_eval["step"] != run.progress.global_step:
             run_evaluation(run)  # no evaluation at the last step yet: run one now
-        final = {**run.last_eval["results"], "eval_samples": len(run.eval_dl.dataset),
-                 "confusion_matrix": run.last_eval["confusion_matrix"]}
-        accelerator.print(run.last_eval["results"])
-        if accelerator.is_main_process:
-            write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+        final = report_evaluation(accelerator, cfg, run.last_eval["results"], run.last_eval["confusion_matrix"],
+                                  num_rows=len(run.eval_dl.dataset))
     if cfg.plots and accelerator.is_main_process:
         written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
         accelerator.print(f"wrote {', '.join(written)}")
@@ -544,6 +548,23 @@ def finish(run, summary, tokenizer):
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final
+
+
+def report_evaluation(accelerator, cfg, results, confusion_matrix, num_rows):
+    """Print the results as the seed's `trainer.evaluate()` did; keep them in output_dir/eval_results.json."""
+    accelerator.print(results)
+    final = {**results, "eval_samples": num_rows, "confusion_matrix": confusion_matrix}
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+    return final
+
+
+def evaluate_only(cfg, accelerator, model, eval_dl, num_labels):
+    """`--do_train False`: one evaluation of the given model, e.g. --model_name_or_path ./fine-tuned-bert."""
+    model, eval_dl = accelerator.prepare(model, eval_dl)
+    results, confusion = evaluate(model, eval_dl, accelerator, num_labels)
+    return report_evaluation(accelerator, cfg, results, confusion, num_rows=len(eval_dl.dataset))
 
 
 def print_banner(run, num_train_rows, warmup):
@@ -573,8 +594,9 @@ def main(argv=None):
 def run_training(cfg):
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
+    splits, label_names = load_data(cfg)
     tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
-    train_ds, eval_ds, label_names = prepare_datasets(cfg, tokenizer, accelerator)
+    train_ds, eval_ds = tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
     model = model_utils.load_model(cfg.model_name_or_path, label_names)
     require(cfg.max_length <= model.config.max_position_embeddings,
             f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
@@ -583,6 +605,8 @@ def run_training(cfg):
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
         cfg.seed, cfg.dataloader_num_workers,
     )
+    if not cfg.do_train:
+        return evaluate_only(cfg, accelerator, model, eval_dl, len(label_names))
     optimizer = build_optimizer(model, cfg)
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
