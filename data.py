@@ -15,6 +15,7 @@ import os
 
 import datasets
 import pyarrow.compute as pc
+from accelerate import PartialState
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
@@ -59,8 +60,10 @@ def parse_dataset_name(dataset_name):
 def load_split(path, data_files, split):
     try:
         ds = datasets.load_dataset(path, data_files=data_files, split=split)
-    except ValueError as err:  # datasets says: Unknown split "x". Should be one of ['train', 'test'].
-        if "split" not in str(err).lower():
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # datasets' words for an empty file
+            raise UsageError(f"split {split!r} of {path!r} has no rows.") from None
+        if "split" not in str(err).lower():  # Unknown split "x". Should be one of ['train', 'test'].
             raise
         raise UsageError(
             f"split {split!r} is not in the dataset ({err}). Choose one with --train_split / "
@@ -69,9 +72,21 @@ def load_split(path, data_files, split):
         ) from None
     except FileNotFoundError as err:
         raise UsageError(f"--dataset_name {path!r}: {err}. Pass a Hub dataset id, a folder or data files.") from None
+    except datasets.exceptions.DatasetGenerationError as err:  # e.g. files whose columns differ
+        raise UsageError(
+            f"--dataset_name {path!r} could not be read ({generation_error_reason(err)}). Check that every "
+            "data file is well-formed and has the same columns, with the same types."
+        ) from None
     if len(ds) == 0:
         raise UsageError(f"split {split!r} of {path!r} has no rows.")
     return ds
+
+
+def generation_error_reason(err):
+    """The root cause's last line: datasets wraps it in "An error occurred while generating the dataset"."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -295,17 +310,18 @@ def build_collator(tokenizer, mixed_precision):
 
 
 def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_size, seed, num_workers=0,
-                      group_by_length=True, num_processes=1):
+                      group_by_length=True, num_processes=None):
     """Training batches in a seeded order that depends only on `seed` and the epoch; evaluation
     batches sorted by length, their rows numbered so results can be put back in dataset order.
 
     group_by_length: batches of similar-length rows (see `length_grouped_batches`); else a plain
-    shuffle. num_processes: how many processes will share the batches (accelerator.num_processes).
+    shuffle. num_processes: how many processes will share the batches (default: as launched).
     Every loader draws on its own seeded generator (the order, and the seed each new iterator
     takes), never on the global torch RNG, which also drives dropout: a resumed run then sees
     exactly the dropout masks of an uninterrupted one.
     """
     if group_by_length:
+        num_processes = num_processes or PartialState().num_processes  # the tail is spread over this many
         batches = LengthGroupedBatchSampler(token_lengths(train_ds), train_batch_size, num_processes, seed)
         train_dl = DataLoader(
             train_ds,

@@ -15,6 +15,7 @@ one GPU or many, in fp32, fp16 or bf16.
     python train_loop.py config.json               # every flag can come from a JSON or YAML file
     python train_loop.py --resume_from_checkpoint latest       # continue an interrupted run
     python train_loop.py --no_group_by_length      # plain shuffled batches (grouping by length is the default)
+    python train_loop.py ... --log_layer_grad_norms --profile_steps 4   # study mode: see README_study.md
 """
 
 import dataclasses
@@ -38,6 +39,8 @@ from transformers import HfArgumentParser, SchedulerType, get_scheduler
 
 import data
 import model_utils
+import plots
+import study
 from errors import UsageError, exit_on_usage_error
 from metrics import ClassificationMetrics
 
@@ -101,9 +104,18 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or latest"})
+    do_train: bool = field(default=True, metadata={"help": "False: only evaluate --model_name_or_path"})
     evaluation_strategy: Optional[str] = field(
         default=None, metadata={"help": "old name of eval_strategy (removed in transformers 5), still accepted"}
     )
+    # study mode (study.py, plots.py): off unless asked for, and then no extra work on other steps
+    log_layer_grad_norms: bool = field(
+        default=False, metadata={"help": "per-layer grad norms and update/weight ratios at each logging step, "
+                                         "to TensorBoard and output_dir/layer_stats.jsonl"})
+    profile_steps: int = field(
+        default=0, metadata={"help": "torch.profiler over this many steps after 3 warm-up steps; "
+                                     "trace in logging_dir/profile, summary printed"})
+    plots: bool = field(default=True, metadata={"help": "training_curves.png and confusion_matrix.png in output_dir"})
 
 
 # Changing these between a checkpoint and its resume would change which rows each step sees.
@@ -115,7 +127,7 @@ RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_le
 def parse_config(argv=None):
     """Flags, or one JSON/YAML file; then validate, before anything heavy happens."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(TrainConfig)
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)  # a typo must not silently match a flag
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             (cfg,) = parser.parse_json_file(argv[0], allow_extra_keys=False)
@@ -156,9 +168,11 @@ def validate_config(cfg):
             f"--warmup_steps must be a whole number of steps or a fraction below 1, not {cfg.warmup_steps}.")
     require(cfg.max_steps > 0 or cfg.num_train_epochs > 0,
             "set --num_train_epochs > 0 or --max_steps > 0: there is nothing to train otherwise.")
+    require(cfg.do_train or cfg.eval_split, "--do_train False evaluates only, so it needs an --eval_split.")
     require(cfg.eval_split is not None or cfg.eval_strategy == "no",
             "--eval_split is empty, so there is nothing to evaluate on: also pass --eval_strategy no.")
     require(cfg.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
+    require(cfg.profile_steps >= 0, f"--profile_steps must be >= 0 (0: no profiling), not {cfg.profile_steps}.")
     if cfg.resume_from_checkpoint:
         cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     return cfg
@@ -192,20 +206,25 @@ def build_accelerator(cfg):
         raise UsageError(f"cannot set up devices/precision: {err} (on CPU use --mixed_precision bf16 or no).") from None
 
 
-def prepare_datasets(cfg, tokenizer, accelerator):
-    """Raw splits -> validated -> subset -> tokenized (once, on the main process first; then cached)."""
+def load_data(cfg):
+    """Raw splits, validated and subset, with the label names: all before any model is downloaded."""
     splits = data.load_splits(cfg.dataset_name, cfg.train_split, cfg.eval_split)
     label_names = data.validate(splits, cfg.text_column, cfg.label_column)
     limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples}
     splits = {role: data.take_subset(ds, limits[role], cfg.seed) for role, ds in splits.items()}
     if len(set(splits["train"][cfg.label_column])) < 2:
         raise UsageError(f"the {len(splits['train'])}-row training subset has one class only; take more rows.")
-    with accelerator.main_process_first():  # the main process tokenizes and writes the cache; others read it
+    return splits, label_names
+
+
+def tokenize_data(cfg, splits, label_names, tokenizer, accelerator):
+    """(train, eval or None), tokenized once by the main process, then read from the cache by all."""
+    with accelerator.main_process_first():
         tokenized = {
             role: data.tokenize(ds, tokenizer, cfg.text_column, cfg.label_column, label_names, cfg.max_length)
             for role, ds in splits.items()
         }
-    return tokenized["train"], tokenized.get("eval"), label_names
+    return tokenized["train"], tokenized.get("eval")
 
 
 def build_optimizer(model, cfg):
@@ -424,6 +443,8 @@ class Run:
     log: RunLog
     progress: Progress
     last_eval: Optional[dict] = None
+    layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
+    profiler: Optional[study.StepProfiler] = None  # --profile_steps
 
 
 def train_one_epoch(run, epoch, pbar):
@@ -442,6 +463,8 @@ def train_one_epoch(run, epoch, pbar):
             micro_batches += 1
             if not accelerator.sync_gradients:  # more micro-batches to accumulate before this step
                 continue
+            # --log_layer_grad_norms on a logging step: per-layer norms before clipping, weights before the step
+            watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
             # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
@@ -451,13 +474,19 @@ def train_one_epoch(run, epoch, pbar):
             optimizer.zero_grad()
         # The mean loss of this step, averaged over processes so every process holds the same window.
         step_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean")
-        after_step(run, step_loss, grad_norm, learning_rate, pbar)
+        after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
         step_loss, micro_batches = 0.0, 0
         if run.progress.global_step >= run.total_steps:
             break
 
 
-def after_step(run, step_loss, grad_norm, learning_rate, pbar):
+def layer_stats_due(run):
+    """--log_layer_grad_norms, on the coming step if it logs, on the process that writes."""
+    return (run.layer_log is not None and run.accelerator.is_main_process
+            and (run.progress.global_step + 1) % run.cfg.logging_steps == 0)
+
+
+def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
     """Book-keeping of one optimizer step: counters, and the log / eval / save that fall due on it."""
     cfg, progress = run.cfg, run.progress
     progress.global_step += 1
@@ -471,10 +500,14 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar):
         run.log.write(record, progress.global_step)
         pbar.set_postfix(loss=record["loss"])
         progress.window_loss, progress.window_steps = 0.0, 0
+        if watch is not None:
+            run.layer_log.write(watch, progress.global_step)
     if cfg.eval_strategy == "steps" and progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0:
         run_evaluation(run)
     if cfg.save_strategy == "steps" and progress.global_step % cfg.save_steps == 0:
         checkpoint(run)
+    if run.profiler is not None:
+        run.profiler.step()
 
 
 def end_of_epoch(run):
@@ -524,20 +557,39 @@ def train(run):
 def finish(run, summary, tokenizer):
     """Train summary, final evaluation (the seed's `trainer.evaluate()`), and the model for serving."""
     cfg, accelerator = run.cfg, run.accelerator
+    if run.profiler is not None:
+        run.profiler.close()  # a run shorter than the profiling window: save what was recorded
     run.log.write(summary, run.progress.global_step)
     final = None
     if run.eval_dl is not None:
         if run.last_eval is None or run.last_eval["step"] != run.progress.global_step:
             run_evaluation(run)  # no evaluation at the last step yet: run one now
-        final = {**run.last_eval["results"], "eval_samples": len(run.eval_dl.dataset),
-                 "confusion_matrix": run.last_eval["confusion_matrix"]}
-        accelerator.print(run.last_eval["results"])
-        if accelerator.is_main_process:
-            write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+        final = report_evaluation(accelerator, cfg, run.last_eval["results"], run.last_eval["confusion_matrix"],
+                                  num_rows=len(run.eval_dl.dataset))
+    if cfg.plots and accelerator.is_main_process:
+        written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
+        accelerator.print(f"wrote {', '.join(written)}")
     model_utils.save_for_serving(accelerator, run.model, tokenizer, cfg.final_model_dir)
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final
+
+
+def report_evaluation(accelerator, cfg, results, confusion_matrix, num_rows):
+    """Print the results as the seed's `trainer.evaluate()` did; keep them in output_dir/eval_results.json."""
+    accelerator.print(results)
+    final = {**results, "eval_samples": num_rows, "confusion_matrix": confusion_matrix}
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json(os.path.join(cfg.output_dir, "eval_results.json"), final)
+    return final
+
+
+def evaluate_only(cfg, accelerator, model, eval_dl, num_labels):
+    """`--do_train False`: one evaluation of the given model, e.g. --model_name_or_path ./fine-tuned-bert."""
+    model, eval_dl = accelerator.prepare(model, eval_dl)
+    results, confusion, _ = evaluate(model, eval_dl, accelerator, num_labels)
+    return report_evaluation(accelerator, cfg, results, confusion, num_rows=len(eval_dl.dataset))
 
 
 def print_banner(run, num_train_rows, warmup):
@@ -567,8 +619,9 @@ def main(argv=None):
 def run_training(cfg):
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
+    splits, label_names = load_data(cfg)
     tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
-    train_ds, eval_ds, label_names = prepare_datasets(cfg, tokenizer, accelerator)
+    train_ds, eval_ds = tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
     model = model_utils.load_model(cfg.model_name_or_path, label_names, cfg.attn_implementation)
     require(cfg.max_length <= model.config.max_position_embeddings,
             f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
@@ -577,6 +630,8 @@ def run_training(cfg):
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
         cfg.seed, cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
     )
+    if not cfg.do_train:
+        return evaluate_only(cfg, accelerator, model, eval_dl, len(label_names))
     optimizer = build_optimizer(model, cfg)
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
@@ -597,9 +652,21 @@ def run_training(cfg):
         os.remove(log.path)  # a fresh run starts a fresh history
     run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, len(label_names),
               steps_per_epoch, total_steps, log, progress)
+    attach_study_tools(run)
     print_banner(run, len(train_ds), warmup)
     summary = train(run)
     return finish(run, summary, tokenizer)
+
+
+def attach_study_tools(run):
+    """--log_layer_grad_norms and --profile_steps: with the flags off nothing is created and nothing runs."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.log_layer_grad_norms:
+        resumed_step = run.progress.global_step if cfg.resume_from_checkpoint else None
+        run.layer_log = study.LayerLog(accelerator, os.path.join(cfg.output_dir, "layer_stats.jsonl"), resumed_step)
+    if cfg.profile_steps:
+        run.profiler = study.StepProfiler(run.model, cfg.profile_steps, os.path.join(cfg.logging_dir, "profile"),
+                                          os.path.join(cfg.output_dir, "profile_summary.txt"), accelerator)
 
 
 def trackable(cfg):

@@ -22,9 +22,8 @@ def make_tiny_bert(path, max_position_embeddings=64, seed=0):
     """A 2-layer, hidden-32 BERT encoder (no classification head, like a pretrained checkpoint)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL) + "\n")
-    BertTokenizer(vocab_file=str(vocab), model_max_length=max_position_embeddings).save_pretrained(path)
+    vocab = {token: i for i, token in enumerate(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL)}
+    BertTokenizer(vocab=vocab, model_max_length=max_position_embeddings).save_pretrained(path)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL), hidden_size=32, num_hidden_layers=2,
@@ -80,3 +79,31 @@ def train_args(model, dataset, out, *extra):
         "--final_model_dir", f"{out}/model", "--report_to", "none", "--max_length", "32",
         *extra,
     ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons; each test starts from a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def read_records(out):
+    """The run's log records (log_history.jsonl) as a list of dicts."""
+    import json
+
+    with open(f"{out}/results/log_history.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second",
+               "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def without_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

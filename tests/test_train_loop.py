@@ -1,0 +1,272 @@
+"""The training loop, checked by value: schedule, logged numbers, learning, resume, saving."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import get_scheduler, pipeline
+
+import model_utils
+import train_loop
+from conftest import read_records, train_args, without_timings
+
+
+def run(tiny_bert, data, out, *extra):
+    """Train in this process; return the final eval results and the log records."""
+    final = train_loop.main(train_args(tiny_bert, data, out, *extra))
+    return final, read_records(out)
+
+
+def train_logs(records):
+    return [r for r in records if "loss" in r]
+
+
+def weights(out):
+    return load_file(f"{out}/model/model.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def test_defaults_are_the_seeds_training_arguments():
+    cfg = train_loop.parse_config([])
+    assert (cfg.output_dir, cfg.logging_dir, cfg.final_model_dir) == ("./results", "./logs", "./fine-tuned-bert")
+    assert (cfg.eval_strategy, cfg.save_strategy, cfg.logging_steps) == ("epoch", "epoch", 500)
+    assert (cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size, cfg.num_train_epochs) == (8, 8, 3)
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.max_grad_norm) == (5e-5, 0.01, 0, 1.0)
+    assert (cfg.model_name_or_path, cfg.dataset_name, cfg.max_length) == ("bert-base-uncased", "imdb", 512)
+
+
+def test_old_evaluation_strategy_flag_is_an_alias(capsys):
+    cfg = train_loop.parse_config(["--evaluation_strategy", "steps", "--eval_steps", "7"])
+    assert (cfg.eval_strategy, cfg.eval_steps) == ("steps", 7)
+    assert "old name of --eval_strategy" in capsys.readouterr().out
+
+
+def test_config_from_json_and_yaml(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 2e-5, "warmup_steps": 0.1}))
+    (tmp_path / "c.yaml").write_text("num_train_epochs: 1\nlr_scheduler_type: cosine\n")
+    assert train_loop.parse_config([str(tmp_path / "c.json")]).warmup_steps == 0.1
+    assert train_loop.parse_config([str(tmp_path / "c.yaml")]).lr_scheduler_type == "cosine"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rat", "1e-4"], "not used by the HfArgumentParser"),
+    (["--eval_strategy", "sometimes"], "invalid choice"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
+    (["--warmup_steps", "2.5"], "whole number of steps or a fraction"),
+    (["--lr_scheduler_type", "zigzag"], "--lr_scheduler_type 'zigzag' is unknown"),
+    (["--resume_from_checkpoint", "latest", "--output_dir", "/nonexistent"], "no checkpoint-* folder"),
+    (["--eval_split", ""], "also pass --eval_strategy no"),
+])
+def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_loop.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# schedule and logged numbers
+
+
+def test_seed_run_logs_the_seeds_rate_and_epoch_at_step_500():
+    """IMDb: 25,000 rows, batch 8, 3 epochs, one process -> 3,125 steps per epoch, 9,375 in all."""
+    cfg = train_loop.parse_config([])
+    per_epoch, total, warmup, epochs = train_loop.schedule_lengths(cfg, num_batches=25_000 // 8)
+    assert (per_epoch, total, warmup, epochs) == (3125, 9375, 0, 3)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    for _ in range(499):  # steps 1..499 each advance the schedule once; step 500 uses the rate after that
+        optimizer.step()
+        scheduler.step()
+    progress = train_loop.Progress(global_step=500, window_loss=213.85, window_steps=500)
+    record = train_loop.log_record(progress, grad_norm=4.4931, learning_rate=optimizer.param_groups[0]["lr"],
+                                   steps_per_epoch=per_epoch)
+    assert str(record) == "{'loss': 0.4277, 'grad_norm': 4.493, 'learning_rate': 4.734e-05, 'epoch': 0.16}"
+
+
+def test_warmup_fraction_and_accumulation_lengths():
+    cfg = train_loop.parse_config(["--warmup_steps", "0.1", "--gradient_accumulation_steps", "4",
+                                   "--num_train_epochs", "2"])
+    # 10 micro-batches -> 3 optimizer steps per epoch (the last one from 2 micro-batches)
+    assert train_loop.schedule_lengths(cfg, num_batches=10) == (3, 6, 1, 2)
+
+
+def test_logged_rate_and_epoch_follow_the_formula(tiny_bert, csv_data, tmp_path):
+    """64 rows / batch 8 = 8 steps per epoch, 2 epochs, 4 warm-up steps, logs every 3 steps."""
+    _, records = run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "2", "--logging_steps", "3",
+                     "--warmup_steps", "4", "--learning_rate", "1e-3")
+    logs = train_logs(records)
+    total, warmup, lr = 16, 4, 1e-3
+    assert [r["step"] for r in logs] == [3, 6, 9, 12, 15]
+    for r in logs:
+        used = r["step"] - 1  # scheduler steps taken before this step's update
+        expected = lr * used / warmup if used < warmup else lr * (total - used) / (total - warmup)
+        assert r["learning_rate"] == pytest.approx(expected, rel=1e-3)
+        assert r["epoch"] == round(r["step"] / 8, 2)
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+
+
+def test_logged_loss_is_the_mean_over_the_window(tiny_bert, csv_data, tmp_path):
+    every_step = train_logs(run(tiny_bert, csv_data, tmp_path / "a", "--num_train_epochs", "1",
+                                "--logging_steps", "1")[1])
+    every_4 = train_logs(run(tiny_bert, csv_data, tmp_path / "b", "--num_train_epochs", "1",
+                             "--logging_steps", "4")[1])
+    losses = [r["loss"] for r in every_step]
+    assert len(losses) == 8 and [r["step"] for r in every_4] == [4, 8]
+    for record, window in zip(every_4, (losses[:4], losses[4:])):
+        assert record["loss"] == pytest.approx(sum(window) / 4, abs=2e-4)  # inputs rounded to 4 places
+    assert every_4[1]["grad_norm"] == every_step[7]["grad_norm"]  # the norm of the window's last step
+
+
+def test_grad_norm_is_measured_before_clipping(tiny_bert, csv_data, tmp_path):
+    flags = ("--max_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-2", "--eval_strategy", "no")
+    clipped = train_logs(run(tiny_bert, csv_data, tmp_path / "a", *flags, "--max_grad_norm", "0.001")[1])
+    free = train_logs(run(tiny_bert, csv_data, tmp_path / "b", *flags, "--max_grad_norm", "0")[1])
+    # Same weights before step 1, so the same gradient: the log shows its norm, not the clipped 0.001.
+    assert clipped[0]["grad_norm"] == free[0]["grad_norm"] > 0.01
+    # Clipping did happen: after a 0.001-norm update the second step's gradient differs from the free run's.
+    assert clipped[1]["grad_norm"] != free[1]["grad_norm"]
+
+
+def test_weight_decay_skips_biases_and_layernorm(tiny_bert):
+    model = model_utils.load_model(tiny_bert, ["negative", "positive"])
+    decay, no_decay = model_utils.optimizer_param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+    assert decay_names | no_decay_names == set(names.values()) and not decay_names & no_decay_names
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in no_decay_names)
+    assert "bert.embeddings.word_embeddings.weight" in decay_names
+    assert "bert.encoder.layer.0.attention.self.query.weight" in decay_names
+    assert "classifier.weight" in decay_names
+    # 2 layers x (q, k, v, attn-out, ffn-in, ffn-out) + 3 embeddings + pooler + classifier
+    assert len(decay_names) == 2 * 6 + 3 + 1 + 1
+
+
+# -----------------------------------------------------------------------------
+# it learns, and what it saves serves
+
+
+def test_overfits_a_handful_of_examples(tiny_bert, csv_data, tmp_path):
+    final, _ = run(tiny_bert, csv_data, tmp_path, "--eval_split", "train", "--max_train_samples", "16",
+                   "--max_eval_samples", "16", "--num_train_epochs", "25", "--learning_rate", "5e-3",
+                   "--logging_steps", "10", "--save_strategy", "no", "--eval_strategy", "no")
+    assert final["eval_accuracy"] >= 0.95
+    assert final["eval_loss"] < 0.2
+
+
+def test_saved_model_serves_label_names_in_pipeline(tiny_bert, csv_data, tmp_path):
+    final, records = run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "1", "--save_strategy", "no")
+    classify = pipeline("text-classification", model=str(tmp_path / "model"), top_k=None)
+    scores = classify("a great and wonderful film")[0]
+    assert {s["label"] for s in scores} == {"negative", "positive"}  # the csv's label names, sorted
+    assert sum(s["score"] for s in scores) == pytest.approx(1.0)
+    with open(tmp_path / "results" / "eval_results.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(final))
+    assert saved["eval_samples"] == 40 and sum(map(sum, saved["confusion_matrix"])) == 40
+    summary = records[-1]
+    assert summary["epoch"] == 1.0 and summary["train_loss"] > 0 and summary["train_samples_per_second"] > 0
+
+
+def test_parquet_files_with_integer_labels(tiny_bert, parquet_data, tmp_path):
+    final, _ = run(tiny_bert, parquet_data, tmp_path, "--num_train_epochs", "1", "--save_strategy", "no")
+    model, _ = model_utils.load_for_inference(str(tmp_path / "model"))
+    assert model_utils.label_names(model) == ["0", "1"]
+    assert final["eval_samples"] == 40
+
+
+def test_bf16_autocast_on_cpu(tiny_bert, csv_data, tmp_path):
+    """The mixed-precision path in CI: bf16 autocast, batches padded to multiples of 8."""
+    _, records = run(tiny_bert, csv_data, tmp_path, "--mixed_precision", "bf16", "--num_train_epochs", "1",
+                     "--logging_steps", "2", "--save_strategy", "no")
+    logs = train_logs(records)
+    assert len(logs) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in logs)
+    from data import build_collator
+    from transformers import AutoTokenizer
+
+    collate = build_collator(AutoTokenizer.from_pretrained(tiny_bert), "bf16")
+    batch = collate([{"input_ids": [2, 5, 6, 3]}, {"input_ids": [2, 5, 6, 7, 8, 9, 10, 11, 12, 3]}])
+    assert batch["input_ids"].shape == (2, 16)
+
+
+def test_tensorboard_events_are_written(tiny_bert, csv_data, tmp_path):
+    run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "1", "--logging_steps", "2", "--save_strategy", "no",
+        "--report_to", "tensorboard")  # the last flag wins over train_args' --report_to none
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "logs" / "train_loop"
+    events = EventAccumulator(str(run_dir)).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert losses == pytest.approx([r["loss"] for r in train_logs(read_records(tmp_path))], abs=1e-4)
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [8]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and resume
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tiny_bert, csv_data, tmp_path, monkeypatch):
+    flags = ("--num_train_epochs", "2", "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "5",
+             "--learning_rate", "1e-3", "--eval_strategy", "epoch")
+    _, straight = run(tiny_bert, csv_data, tmp_path / "straight", *flags)
+
+    interrupted = tmp_path / "resumed"
+    real_after_step = train_loop.after_step
+
+    def crash_at_step_7(run_, *args):
+        real_after_step(run_, *args)
+        if run_.progress.global_step == 7:
+            raise KeyboardInterrupt  # killed after checkpoint-5, with steps 6 and 7 logged
+
+    monkeypatch.setattr(train_loop, "after_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop.main(train_args(tiny_bert, csv_data, interrupted, *flags))
+    assert [r["step"] for r in train_logs(read_records(interrupted))] == [2, 4, 6]
+    monkeypatch.setattr(train_loop, "after_step", real_after_step)
+
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    train_loop.main(train_args(tiny_bert, csv_data, interrupted, *flags, "--resume_from_checkpoint", "latest"))
+
+    assert without_timings(read_records(interrupted)) == without_timings(straight)
+    resumed_w, straight_w = weights(interrupted), weights(tmp_path / "straight")
+    assert resumed_w.keys() == straight_w.keys()
+    assert all(torch.equal(resumed_w[k], straight_w[k]) for k in straight_w)  # bitwise
+
+
+def test_checkpoints_are_atomic_and_limited(tiny_bert, csv_data, tmp_path):
+    out = tmp_path / "results"
+    run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "3",
+        "--save_total_limit", "2")
+    assert sorted(os.listdir(out)) == ["checkpoint-12", "checkpoint-15", "confusion_matrix.png", "eval_results.json",
+                                       "log_history.jsonl", "training_curves.png"]  # pictures: --plots, on by default
+    ckpt = out / "checkpoint-15"
+    with open(ckpt / "training_state.json") as f:
+        assert json.load(f)["global_step"] == 15
+    with open(ckpt / "config.json") as f:
+        assert json.load(f)["save_steps"] == 3
+    # A save interrupted half-way leaves only a tmp- folder, which `latest` never picks.
+    shutil.copytree(ckpt, out / "tmp-checkpoint-99")
+    assert train_loop.resolve_checkpoint("latest", str(out)) == str(ckpt)
+
+
+def test_resume_with_a_different_batch_size_is_refused(tiny_bert, csv_data, tmp_path, capsys):
+    run(tiny_bert, csv_data, tmp_path, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3")
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train_loop.main(train_args(tiny_bert, csv_data, tmp_path, "--max_steps", "6",
+                                   "--per_device_train_batch_size", "4", "--resume_from_checkpoint", "latest"))
+    assert exit_info.value.code == 2
+    assert "per_device_train_batch_size: 8 -> 4" in capsys.readouterr().err
