@@ -231,6 +231,9 @@ def length_grouped_batches(lengths, batch_size, num_processes, generator, mega_b
     `num_processes` batches (so the batches the processes run side by side have similar lengths
     too), then shuffle the steps, so the loss does not see long-to-short sawtooth runs.
     The step holding the longest row goes first: if memory runs out, it does so at once.
+    Unlike Trainer (which shrinks mega-batches so that there are at least 4), a mega-batch is
+    always `mega_batch_mult` steps: less padding, but a dataset smaller than one mega-batch gets
+    the same batches every epoch, in a new order.
     """
     num_rows, step_rows = len(lengths), batch_size * num_processes
     full_steps, tail_rows, tail_batches = step_plan(num_rows, batch_size, num_processes)

@@ -90,12 +90,13 @@ class TrainConfig:
     # speed: each default measured on CPU, see BENCHMARKS.md
     group_by_length: bool = field(default=True, metadata={"help": (
         "batch reviews of similar length (seeded, resumable). Trainer's default is False; ours is True "
-        "because IMDb lengths spread from ~10 to 512 tokens, so random batches are mostly padding: "
-        "grouping roughly halves the compute per epoch at max_length 512, for the same rows and labels")})
+        "because IMDb lengths spread from ~10 to 512 tokens: random batches are about a third padding, "
+        "grouped ones a few percent, for the same rows, labels and per-epoch shuffle")})
     attn_implementation: Optional[Literal["sdpa", "eager"]] = field(default=None, metadata={"help": (
         "attention kernel; unset: the model's default (sdpa)")})
     torch_compile: bool = field(default=False, metadata={"help": (
-        "torch.compile the model (inductor). Off: on CPU it compiled for minutes and did not win")})
+        "torch.compile the model (inductor). Off by default: on CPU, recompiling for new lengths cost "
+        "minutes and did not pay back (BENCHMARKS.md)")})
     # logging, evaluation, checkpoints
     logging_steps: int = field(default=500, metadata={"help": "optimizer steps between log lines"})
     eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
