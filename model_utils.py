@@ -102,6 +102,25 @@ def load_for_inference(model_dir, device="cpu"):
 
     safetensors only and no remote code: loading a served model must never execute a pickle.
     """
+    check_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, use_safetensors=True, trust_remote_code=False
+    )
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def check_model_dir(model_dir):
+    """Fail with a UsageError unless `model_dir` looks like a save_pretrained folder with safetensors.
+
+    Cheap (no loading), so a server can refuse a wrong path before it binds its port.
+    """
+    if not os.path.isdir(model_dir):
+        raise UsageError(
+            f"model folder {model_dir!r} does not exist. Train first (python train_loop.py writes "
+            "./fine-tuned-bert) or pass a folder written by save_pretrained."
+        )
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UsageError(
             f"model folder {model_dir!r} has no config.json. Train first (python train_loop.py writes "
@@ -109,12 +128,6 @@ def load_for_inference(model_dir, device="cpu"):
         )
     if not any(f.endswith(".safetensors") for f in os.listdir(model_dir)):
         raise UsageError(f"model folder {model_dir!r} has no .safetensors weights; only safetensors are loaded.")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=False
-    )
-    model.to(device).eval()
-    return model, tokenizer
 
 
 def count_parameters(model):

@@ -1,0 +1,343 @@
+"""Sentiment web app: a page for people (GET /) and a JSON API for programs (POST /predict).
+
+Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tuned-bert).
+
+    python app.py                                            # ./fine-tuned-bert on http://127.0.0.1:8000
+    python app.py --model_dir path/to/model --host 0.0.0.0 --port 8080
+    python app.py --help                                     # every flag, limits included
+    SERVE_MODEL_DIR=path/to/model uvicorn app:app            # the same app under uvicorn's own CLI;
+                                                             # every flag is also SERVE_<FLAG> in the environment
+    curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"text": "A wonderful film."}'
+
+The model loads in the background once the server is up: GET /health answers 503 until it is
+loaded and warmed up, then 200. All model calls go through one batching worker (serving.py).
+"""
+
+import os
+
+# Before torch loads OpenMP: its threads otherwise spin after each operation, taking the CPU from
+# the event loop that is reading the next requests; the batches then run 2-3x slower (BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import asyncio  # noqa: E402 (the setting above must come first)
+import json
+import logging
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import HfArgumentParser
+
+from errors import UsageError, exit_on_usage_error
+from model_utils import check_model_dir
+from serving import Classifier, InputError, Limits, Overloaded, check_texts, to_prediction
+
+log = logging.getLogger("app")
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+ENV_PREFIX = "SERVE_"
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ServeConfig(Limits):
+    model_dir: str = field(default="./fine-tuned-bert", metadata={"help": "a save_pretrained folder (safetensors)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "loopback only; 0.0.0.0 serves other machines too"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    eval_results: str = field(
+        default=None,
+        metadata={"help": "JSON shown on /info; default: eval_results.json in model_dir, else in ../results beside it"},
+    )
+    device: str = field(default=None, metadata={"help": "cpu, cuda, ...; default: cuda when available"})
+    max_body_bytes: int = field(default=2 * 1024 * 1024, metadata={"help": "request body limit (TEI's 2 MB)"})
+
+
+def parse_config(argv):
+    parser = HfArgumentParser(ServeConfig)
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(argv)
+    except ValueError as err:
+        raise UsageError(f"{err}. Run `python app.py --help` for every flag.") from None
+    return validate_config(cfg)
+
+
+def validate_config(cfg):
+    for name in ("max_inputs", "max_chars", "max_batch_size", "max_queue", "max_body_bytes"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, not {getattr(cfg, name)}.")
+    if cfg.forward_cost_tokens is not None and cfg.forward_cost_tokens < 0:
+        raise UsageError(f"--forward_cost_tokens must be 0 or more, not {cfg.forward_cost_tokens}.")
+    if cfg.max_wait_ms < 0:
+        raise UsageError(f"--max_wait_ms must be 0 or more, not {cfg.max_wait_ms}.")
+    if cfg.max_queue < cfg.max_inputs:
+        raise UsageError(f"--max_queue ({cfg.max_queue}) must be at least --max_inputs ({cfg.max_inputs}).")
+    if not 0 <= cfg.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, not {cfg.port}.")
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return cfg
+
+
+def config_from_env(environ=os.environ):
+    """The same flags read from SERVE_<FLAG> variables, for `uvicorn app:app`."""
+    argv = []
+    for f in fields(ServeConfig):
+        if ENV_PREFIX + f.name.upper() in environ:
+            argv += [f"--{f.name}", environ[ENV_PREFIX + f.name.upper()]]
+    return parse_config(argv)
+
+
+def find_eval_results(cfg):
+    """The training run's evaluation results, or None. train_loop.py writes ./results/eval_results.json."""
+    candidates = [cfg.eval_results] if cfg.eval_results else [
+        os.path.join(cfg.model_dir, "eval_results.json"),
+        os.path.join(cfg.model_dir, os.pardir, "results", "eval_results.json"),
+    ]
+    for path in candidates:
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return os.path.abspath(path), json.load(f)
+            except (OSError, ValueError) as err:
+                log.warning("cannot read %s: %s", path, err)
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+# model state: loaded in the background so /health can say 503 while it loads
+
+
+class ModelState:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.classifier = None  # set once loaded and warmed up
+        self.error = None  # set if loading failed
+
+    def load(self, load_classifier):
+        """Runs in a background thread; assigning `classifier` is what makes /health say 200."""
+        try:
+            started = time.perf_counter()
+            self.classifier = load_classifier(self.cfg.model_dir, self.cfg, self.cfg.device)
+            log.info("model %s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, time.perf_counter() - started)
+        except Exception as err:  # a broken folder: say so on /health and in the log, keep serving 503
+            self.error = str(err) or type(err).__name__
+            log.error("error: cannot load the model from %r: %s", self.cfg.model_dir, self.error)
+
+
+# -----------------------------------------------------------------------------
+# request and response shapes
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"text": "A wonderful, moving film."}, {"texts": ["Great!", "Dull and long."]}]},
+    )
+    text: StrictStr | None = Field(default=None, description="one review")
+    texts: list[StrictStr] | None = Field(default=None, description="several reviews (at most --max_inputs)")
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the most probable class")
+    score: float = Field(description="its probability")
+    scores: dict[str, float] = Field(description="probability of every class, in the model's label order")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="one per input text, in input order")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+# -----------------------------------------------------------------------------
+# errors: always JSON {"error": "..."}, never a stack trace
+
+
+def error(status, message, headers=None):
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def describe_validation_errors(errors):
+    """FastAPI's error list -> one readable sentence per problem, e.g. "texts[1]: Input should be a valid string"."""
+    parts = []
+    for err in errors:
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+        elif not loc:  # no body, or not a JSON object (a list, a string, a form)
+            parts.append('the body must be a JSON object such as {"text": "..."}, sent as application/json')
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {loc[-1]!r}: send 'text' or 'texts'")
+        else:
+            where = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in loc).lstrip(".") or "body"
+            parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts) + "."
+
+
+async def validation_error(request, exc):
+    return error(422, describe_validation_errors(exc.errors()))
+
+
+async def http_error(request, exc):
+    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def unexpected_error(request, exc):
+    """A genuine bug: the caller learns nothing about the internals; Starlette re-raises the
+    exception after this response, so uvicorn logs the traceback on the server."""
+    return error(500, "internal server error; the details are in the server's log.")
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413 (by Content-Length, or by counting a chunked body)."""
+
+    def __init__(self, app, max_bytes):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large(scope, receive, send)
+        # Read the body here (FastAPI would buffer it anyway), counting, then replay it downstream.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self.too_large(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # waits for http.disconnect, as Starlette expects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, scope, receive, send):
+        message = f"request body is larger than the limit of {self.max_bytes} bytes; send fewer or shorter texts."
+        await error(413, message, headers={"connection": "close"})(scope, receive, send)
+
+
+# -----------------------------------------------------------------------------
+# the app
+
+
+def create_app(cfg, load_classifier=Classifier):
+    """The ASGI app for `cfg`. `load_classifier(model_dir, limits, device)` is injectable for tests."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=state.load, args=(load_classifier,), name="model-loader", daemon=True).start()
+        yield
+        if state.classifier is not None:
+            await asyncio.to_thread(state.classifier.close)  # finish what is queued
+
+    state = ModelState(cfg)
+    eval_path, eval_results = find_eval_results(cfg)
+    app = FastAPIOffline(  # FastAPI whose /docs needs no CDN: users may be offline
+        title="Sentiment analysis",
+        description="Classifies movie reviews with a fine-tuned BERT. The page for people is at /.",
+        lifespan=lifespan,
+    )
+    app.state.model = state
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    errors = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8")
+
+    @app.post("/predict", response_model=PredictResponse, responses=errors)
+    async def predict(body: PredictRequest):
+        """Classify `text` or up to 32 `texts`; longer reviews are truncated to the model's maximum."""
+        if (body.text is None) == (body.texts is None):
+            return error(422, 'send exactly one of "text" (a string) or "texts" (a list of strings).')
+        if state.classifier is None:
+            return error(503, "the model is still loading; retry in a few seconds." if state.error is None
+                         else f"the model failed to load: {state.error}")
+        texts = [body.text] if body.texts is None else body.texts
+        try:
+            check_texts(texts, cfg, name=(lambda i: "text") if body.texts is None else (lambda i: f"texts[{i}]"))
+            rows = await asyncio.wrap_future(state.classifier.submit(texts))
+        except InputError as err:
+            return error(err.status, str(err))
+        except Overloaded as err:
+            return error(429, f"server busy: {err}", headers={"retry-after": "1"})
+        return {"predictions": [to_prediction(row, state.classifier.labels) for row in rows]}
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health():
+        """200 once the model is loaded and warmed up; 503 while loading or if loading failed."""
+        if state.classifier is not None:
+            return {"status": "ok"}
+        if state.error is not None:
+            return error(503, f"the model failed to load: {state.error}")
+        return error(503, "the model is loading.")
+
+    @app.get("/info")
+    async def info():
+        """What is served: model folder, labels, limits, and the training run's evaluation results."""
+        classifier = state.classifier
+        return {
+            "model_dir": os.path.abspath(cfg.model_dir),
+            "ready": classifier is not None,
+            "labels": classifier.labels if classifier else None,
+            "max_length": classifier.max_length if classifier else None,
+            "num_parameters": classifier.num_parameters if classifier else None,
+            "device": cfg.device,
+            "limits": {f.name: getattr(cfg, f.name) for f in fields(Limits)} | {"max_body_bytes": cfg.max_body_bytes},
+            "batches_run": classifier.worker.batches if classifier else 0,
+            "texts_classified": classifier.worker.texts_done if classifier else 0,
+            "eval_results_path": eval_path,
+            "eval_results": eval_results,
+        }
+
+    return app
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with exit_on_usage_error():
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        check_model_dir(cfg.model_dir)  # a wrong path fails here, before the port is bound
+    log.info("serving %s on http://%s:%d (model loading; /health says when ready)", cfg.model_dir, cfg.host, cfg.port)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+
+
+def app_from_env():
+    with exit_on_usage_error():
+        return create_app(config_from_env())
+
+
+if __name__ == "__main__":
+    main()
+else:
+    app = app_from_env()  # for `uvicorn app:app`; nothing loads until the server starts

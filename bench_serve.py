@@ -1,0 +1,231 @@
+"""Serving benchmark: our batching app vs a baseline server that calls pipeline() once per request.
+
+    python bench_serve.py                          # minilm-l6 + a 2-label head, 400 requests at concurrency 1 and 16
+    python bench_serve.py --model_dir ./fine-tuned-bert --requests 1000 --concurrency 1 4 16 32
+
+Each server runs in its own process under the same uvicorn settings (one worker, no access log);
+they take turns, in --rounds alternating rounds, so that load from other jobs on a shared machine
+hits both alike; this process is the client (httpx, asyncio). Every request carries one real IMDb test review
+of at most --max_tokens tokens (short reviews, so a run takes a minute or two on a 2-core CPU),
+the same reviews in the same order for both servers. Prints req/s and latency percentiles; the
+numbers go into BENCHMARKS.md ("## Serving") by hand, with the command, date and machine.
+"""
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT / ".." / "shared"
+IMDB_TEST = SHARED / "data" / "imdb" / "plain_text" / "test-00000-of-00001.parquet"
+
+
+# -----------------------------------------------------------------------------
+# the baseline: what one writes first, pipeline() once per request
+
+
+def create_baseline_app():
+    """uvicorn bench_serve:create_baseline_app --factory, with BENCH_MODEL_DIR set."""
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=os.environ["BENCH_MODEL_DIR"], top_k=None, truncation=True)
+    lock = threading.Lock()  # one pipeline call at a time: see README_serving.md on why not threads
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    def predict(body: dict):  # FastAPI runs a plain `def` in its thread pool
+        with lock:
+            out = pipe([body["text"]])[0]  # [{"label", "score"} per class]
+        best = max(out, key=lambda r: r["score"])
+        return {"predictions": [{"label": best["label"], "score": best["score"],
+                                 "scores": {r["label"]: r["score"] for r in out}}]}
+
+    return app
+
+
+# -----------------------------------------------------------------------------
+# data and servers
+
+
+def short_reviews(model_dir, max_tokens, n, seed=0):
+    """`n` IMDb test reviews of at most `max_tokens` tokens, shuffled (mixed lengths in every batch)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = pd.read_parquet(IMDB_TEST)["text"].tolist()
+    lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]  # untruncated
+    short = [text for text, length in zip(texts, lengths) if length <= max_tokens]
+    random.Random(seed).shuffle(short)
+    assert len(short) >= n, f"only {len(short)} reviews have <= {max_tokens} tokens"
+    return short[:n], sorted(lengths[texts.index(t)] for t in short[:n])
+
+
+def start_server(kind, model_dir, port, extra_env):
+    target = ["app:app"] if kind == "app" else ["bench_serve:create_baseline_app", "--factory"]
+    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir), **extra_env}
+    cmd = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port),
+           "--no-access-log", "--log-level", "warning"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+
+def wait_healthy(url, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with code {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"server at {url} not healthy after {timeout} s")
+
+
+# -----------------------------------------------------------------------------
+# the client
+
+
+async def load_test(url, texts, concurrency):
+    """Send every text as its own request, `concurrency` in flight at a time."""
+    latencies, errors, next_index = [], 0, 0
+
+    async def client(http):
+        nonlocal errors, next_index
+        while next_index < len(texts):
+            text = texts[next_index]
+            next_index += 1  # no await in between: asyncio runs one client at a time
+            started = time.perf_counter()
+            try:
+                response = await http.post(url + "/predict", json={"text": text})
+                ok = response.status_code == 200 and len(response.json()["predictions"]) == 1
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - started)
+            errors += not ok
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return elapsed, sorted(latencies), errors
+
+
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
+
+
+def bench(model_dir, port, texts, concurrencies, rounds, extra_env):
+    """Both servers up at once (an idle one costs no CPU), measured in alternating rounds, so a
+    background job on a shared machine slows both alike instead of skewing one side."""
+    kinds = ["baseline", "app"]
+    urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(kinds)}
+    processes = {kind: start_server(kind, model_dir, port + i, extra_env) for i, kind in enumerate(kinds)}
+    rows = []
+    try:
+        for kind in kinds:
+            wait_healthy(urls[kind], processes[kind])
+            asyncio.run(load_test(urls[kind], texts[:32], max(concurrencies)))  # warm-up, not measured
+        for concurrency in concurrencies:
+            totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0} for kind in kinds}
+            batches_before = httpx.get(urls["app"] + "/info").json()["batches_run"]
+            for r in range(rounds):
+                chunk = texts[r::rounds]
+                for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                    elapsed, latencies, errors = asyncio.run(load_test(urls[kind], chunk, concurrency))
+                    totals[kind]["seconds"] += elapsed
+                    totals[kind]["latencies"] += latencies
+                    totals[kind]["errors"] += errors
+            batches = httpx.get(urls["app"] + "/info").json()["batches_run"] - batches_before
+            print(f"  concurrency {concurrency}: the app ran {len(texts)} texts in {batches} batches "
+                  f"({len(texts) / batches:.1f} per batch)", flush=True)
+            for kind in kinds:
+                t = totals[kind]
+                latencies = sorted(t["latencies"])
+                rows.append({
+                    "server": kind, "concurrency": concurrency, "requests": len(latencies), "errors": t["errors"],
+                    "seconds": t["seconds"], "req_per_s": len(latencies) / t["seconds"],
+                    **{f"p{q}_ms": 1000 * percentile(latencies, q) for q in (50, 95, 99)},
+                })
+                print(format_row(rows[-1]), flush=True)
+    finally:
+        for process in processes.values():
+            process.terminate()
+            process.wait(timeout=30)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# report
+
+
+HEADER = "| server | concurrency | requests | errors | seconds | req/s | p50 ms | p95 ms | p99 ms |"
+
+
+def format_row(r):
+    return (f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['seconds']:.1f} | "
+            f"{r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+
+
+def print_summary(rows):
+    print("\n" + HEADER + "\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(format_row(r))
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    for (server, concurrency), r in by.items():
+        base = by.get(("baseline", concurrency))
+        if server == "app" and base:
+            print(f"concurrency {concurrency}: app / baseline throughput = {r['req_per_s'] / base['req_per_s']:.2f}x")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", help="a save_pretrained folder; default: minilm-l6 + a seeded 2-label head")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--max_tokens", type=int, default=128, help="only reviews this short (tokens, specials included)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternate the servers this many times per concurrency")
+    parser.add_argument("--port", type=int, default=8765, help="the baseline's port; the app gets the next one")
+    parser.add_argument("--max_wait_ms", help="passed to the app as SERVE_MAX_WAIT_MS")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir
+        if model_dir is None:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from served_models import save_minilm_classifier
+
+            model_dir = save_minilm_classifier(Path(tmp) / "minilm-l6-2labels")
+        texts, lengths = short_reviews(model_dir, args.max_tokens, args.requests)
+        print(f"{len(texts)} IMDb test reviews, {lengths[0]}-{lengths[-1]} tokens "
+              f"(median {lengths[len(lengths) // 2]}); model {model_dir}")
+        print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+              f"python {platform.python_version()}")
+        extra_env = {"SERVE_MAX_WAIT_MS": args.max_wait_ms} if args.max_wait_ms else {}
+        print(HEADER)
+        rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, extra_env)
+        print_summary(rows)
+
+
+if __name__ == "__main__":
+    main()

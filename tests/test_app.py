@@ -1,0 +1,485 @@
+"""The web app's API, its batching worker and predict.py, on a tiny random BERT (fast) and on
+minilm-l6 with a 2-label head (real weights: equality with transformers.pipeline)."""
+
+import json
+import math
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import pipeline
+
+import app as app_module
+import predict as predict_module
+from app import ServeConfig, create_app, parse_config, validate_config
+from model_utils import classify, count_parameters, load_for_inference
+from served_models import IMDB_TEST, MINILM, save_minilm_classifier, save_tiny_bert
+from serving import (BatchWorker, Classifier, InputError, Limits, Overloaded, check_texts, classify_by_length,
+                     split_by_length)
+
+UNICODE_TEXTS = [
+    "I loved it 😍🎬👍🏽 best film of the year 🏆",
+    "שלום, הסרט היה נהדר — هذا الفيلم رائع جدا",  # right-to-left scripts
+    "Cafe\u0301 scene: Z\u0335\u0321a\u0336\u0322l\u0334\u0327g\u0337\u0328o text",  # combining marks
+    "nul\x00 and control \x01\x07\x1b[31m chars\x7f, zero\u200bwidth, bom\ufeff",
+    "\x00",  # nothing but a control character: tokenizes to [CLS] [SEP], still a prediction
+    "日本語のレビュー：とても面白かった。",
+]
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=64)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+    if not MINILM.is_dir():
+        pytest.skip(f"{MINILM} is missing (the shared test model)")
+    return save_minilm_classifier(tmp_path_factory.mktemp("minilm") / "model")
+
+
+def wait_ready(client, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not ready after {timeout} s: {client.get('/health').json()}")
+
+
+def serve(model_dir, load_classifier=Classifier, **overrides):
+    """A TestClient around a fresh app, entered (lifespan started); the caller waits if it wants."""
+    cfg = validate_config(ServeConfig(model_dir=str(model_dir), **overrides))
+    return TestClient(create_app(cfg, load_classifier), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_dir):
+    with serve(tiny_dir) as c:
+        wait_ready(c)
+        yield c
+
+
+def predict(client, **body):
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def probs(predictions):
+    return [[p["scores"]["neg"], p["scores"]["pos"]] for p in predictions]
+
+
+def assert_close(got, want, atol=1e-5):
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=atol)
+
+
+def single_row_probs(model_dir, texts):
+    """Reference: each text alone through model_utils.classify (no batching, no padding)."""
+    model, tokenizer = load_for_inference(str(model_dir))
+    return [classify(model, tokenizer, [text])[0].tolist() for text in texts]
+
+
+# -----------------------------------------------------------------------------
+# routes
+
+
+def test_predict_one_text_shape_and_values(client, tiny_dir):
+    (p,) = predict(client, text="A wonderful film, the cast is superb.")
+    assert list(p) == ["label", "score", "scores"]
+    assert list(p["scores"]) == ["neg", "pos"]  # the model's id2label order
+    assert math.isclose(sum(p["scores"].values()), 1.0, abs_tol=1e-6)
+    assert p["score"] == max(p["scores"].values())
+    assert p["label"] == max(p["scores"], key=p["scores"].get)
+    (expected,) = single_row_probs(tiny_dir, ["A wonderful film, the cast is superb."])
+    assert p["scores"]["neg"] == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_batch_keeps_input_order(client, tiny_dir):
+    texts = ["great film", "awful boring movie", "the plot was dull", "i loved it", "zzz qqq",
+             "best acting ever", "a", "worst waste of time " * 5, "the music was good"]
+    predictions = predict(client, texts=texts)
+    expected = single_row_probs(tiny_dir, texts)
+    assert_close(probs(predictions), expected)
+    assert [p["label"] for p in predictions] == [["neg", "pos"][int(row[1] > row[0])] for row in expected]
+    assert len({round(row[1], 4) for row in expected}) >= 5  # the texts really score differently
+
+
+def test_health_is_503_until_loaded_and_warm(tiny_dir):
+    gate = threading.Event()
+
+    def slow_load(model_dir, limits, device):
+        gate.wait(30)
+        return Classifier(model_dir, limits, device)
+
+    with serve(tiny_dir, slow_load) as c:
+        loading = c.get("/health")
+        assert loading.status_code == 503 and loading.json() == {"error": "the model is loading."}
+        early = c.post("/predict", json={"text": "too early"})
+        assert early.status_code == 503 and "loading" in early.json()["error"]
+        assert c.get("/info").json()["ready"] is False
+        gate.set()
+        wait_ready(c)
+        assert c.get("/health").json() == {"status": "ok"}
+
+
+def test_health_says_why_loading_failed(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # config but no weights
+    with serve(broken) as c:
+        deadline = time.monotonic() + 30
+        while "failed" not in c.get("/health").json()["error"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = c.get("/health")
+        assert health.status_code == 503
+        assert "no .safetensors weights" in health.json()["error"]
+        assert c.post("/predict", json={"text": "hello"}).status_code == 503
+
+
+def test_info(tiny_dir, tmp_path):
+    model_dir = tmp_path / "fine-tuned-bert"
+    shutil.copytree(tiny_dir, model_dir)
+    results = {"eval_accuracy": 0.91, "eval_loss": 0.25, "epoch": 2.0}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "eval_results.json").write_text(json.dumps(results))  # where train_loop.py writes it
+    with serve(model_dir) as c:
+        wait_ready(c)
+        info = c.get("/info").json()
+    model, _ = load_for_inference(str(tiny_dir))
+    assert info["model_dir"] == str(model_dir)
+    assert info["labels"] == ["neg", "pos"]
+    assert info["max_length"] == 64
+    assert info["num_parameters"] == count_parameters(model)
+    assert info["eval_results"] == results
+    assert info["eval_results_path"] == str(tmp_path / "results" / "eval_results.json")
+    assert info["limits"] == {"max_inputs": 32, "max_chars": 100_000, "max_batch_size": 32, "max_wait_ms": 5.0,
+                              "max_queue": 512, "forward_cost_tokens": None, "max_body_bytes": 2 * 1024 * 1024}
+
+
+def test_info_eval_results_beside_the_model_win(tiny_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    (model_dir / "eval_results.json").write_text('{"eval_accuracy": 0.5}')
+    cfg = validate_config(ServeConfig(model_dir=str(model_dir)))
+    assert app_module.find_eval_results(cfg) == (str(model_dir / "eval_results.json"), {"eval_accuracy": 0.5})
+    cfg.eval_results = str(tmp_path / "missing.json")
+    assert app_module.find_eval_results(cfg) == (None, None)
+
+
+def test_page_and_docs_need_nothing_from_outside(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needle in ('<textarea id="review"', 'id="analyze"', "Ctrl+Enter", "data-example", 'name="viewport"'):
+        assert needle in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web fonts
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/static-offline-docs/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/health", "/info"} <= set(schema["paths"])
+
+
+# -----------------------------------------------------------------------------
+# equality with transformers.pipeline (real weights, real reviews, truncation, padding, Unicode)
+
+
+def test_predictions_equal_pipeline(minilm_dir):
+    reviews = pd.read_parquet(IMDB_TEST)["text"]
+    lengths = reviews.str.len()
+    texts = (reviews[lengths < 400].head(6).tolist()  # short
+             + reviews[lengths > 4000].head(3).tolist()  # > 512 tokens: truncated
+             + UNICODE_TEXTS)
+    pipe = pipeline("text-classification", model=str(minilm_dir), top_k=None, truncation=True)
+    expected = [{r["label"]: r["score"] for r in out} for out in pipe(texts)]
+    with serve(minilm_dir) as c:
+        wait_ready(c)
+        batched = predict(c, texts=texts)  # one padded batch of mixed lengths
+        alone = [predict(c, text=text)[0] for text in texts[:3]]
+    for got, want in zip(batched + alone, expected + expected[:3]):
+        assert_close([got["scores"]["neg"], got["scores"]["pos"]], [want["neg"], want["pos"]])
+        assert got["label"] == max(want, key=want.get)
+    assert len({p["label"] for p in batched}) == 2  # both classes occur: not a constant
+
+
+# -----------------------------------------------------------------------------
+# bad input: a 4xx with a JSON message, never a 500
+
+
+BAD_BODIES = [
+    ({"texts": []}, 422, "'texts' is empty"),
+    ({"texts": ["fine", ""]}, 422, "texts[1] is empty or whitespace only"),
+    ({"text": " \n\t\u3000"}, 422, "text is empty or whitespace only"),
+    ({"text": 5}, 422, "text: Input should be a valid string"),
+    ({"text": ["a list"]}, 422, "text: Input should be a valid string"),
+    ({"texts": "not a list"}, 422, "texts: Input should be a valid list"),
+    ({"texts": ["ok", None]}, 422, "texts[1]: Input should be a valid string"),
+    ({}, 422, 'exactly one of "text"'),
+    ({"text": "a", "texts": ["b"]}, 422, 'exactly one of "text"'),
+    ({"text": None}, 422, 'exactly one of "text"'),
+    ({"txt": "a"}, 422, "unknown field 'txt'"),
+    (["a list"], 422, "must be a JSON object"),
+    ({"texts": ["x"] * 33}, 413, "33 texts in one request; the limit is 32"),
+    ({"text": "x" * 100_001}, 413, "text has 100001 characters; the limit is 100000"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_BODIES, ids=[m for _, _, m in BAD_BODIES])
+def test_bad_json_bodies(client, body, status, message):
+    response = client.post("/predict", json=body)
+    assert response.status_code == status
+    assert list(response.json()) == ["error"] and message in response.json()["error"]
+
+
+BAD_RAW = [
+    (b'{"text": "unterminated', "application/json", 422, "the body is not valid JSON"),
+    (b"", "application/json", 422, "must be a JSON object"),
+    (b"text=hello", "application/x-www-form-urlencoded", 422, "must be a JSON object"),
+    (b'{"text": "\\ud800 lone surrogate"}', "application/json", 422, "unpaired surrogate"),
+    (b'{"text": "\xff\xfe not utf-8"}', "application/json", 400, "error parsing the body"),  # FastAPI's words
+]
+
+
+@pytest.mark.parametrize("raw,content_type,status,message", BAD_RAW, ids=[m for *_, m in BAD_RAW])
+def test_bad_raw_bodies(client, raw, content_type, status, message):
+    response = client.post("/predict", content=raw, headers={"content-type": content_type})
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_body_over_2mb_is_413_with_or_without_content_length(client):
+    body = json.dumps({"text": "x" * (2 * 1024 * 1024)}).encode()
+    declared = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "2097152 bytes" in declared.json()["error"]
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # chunked: no Content-Length
+    streamed = client.post("/predict", content=chunks, headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "2097152 bytes" in streamed.json()["error"]
+
+
+def test_limits_are_inclusive_and_long_reviews_are_truncated(client):
+    assert len(predict(client, texts=["x"] * 32)) == 32
+    (p,) = predict(client, text="great " * 16_666)  # 99,996 characters: accepted, then cut to 64 tokens
+    assert p["label"] in ("neg", "pos")
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+    assert client.get("/nope").json() == {"error": "Not Found"}
+    wrong_method = client.get("/predict")
+    assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+
+
+def test_unicode_of_every_kind(client, tiny_dir):
+    predictions = predict(client, texts=UNICODE_TEXTS)
+    assert_close(probs(predictions), single_row_probs(tiny_dir, UNICODE_TEXTS))
+
+
+def test_a_bug_is_a_json_500_without_internals(tiny_dir):
+    def broken(model_dir, limits, device):
+        classifier = Classifier(model_dir, limits, device)
+        classifier.worker.predict_fn = lambda texts: 1 / 0  # a genuine bug inside the worker
+        return classifier
+
+    with serve(tiny_dir, broken) as c:
+        wait_ready(c)
+        response = c.post("/predict", json={"text": "hello"})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error; the details are in the server's log."}
+
+
+# -----------------------------------------------------------------------------
+# concurrency: many clients, one worker, nothing lost or mixed up, 429 beyond the queue
+
+
+def test_concurrent_clients_get_their_own_results(client, tiny_dir):
+    texts = [f"review {i}: " + " ".join(["great", "awful", "dull", "superb", "boring"][j % 5] for j in range(i % 7 + 1))
+             for i in range(24)]
+    expected = single_row_probs(tiny_dir, texts)
+    batches_before = client.get("/info").json()["batches_run"]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(lambda t: predict(client, text=t)[0], texts))
+    assert_close(probs(results), expected)
+    assert client.get("/info").json()["batches_run"] - batches_before <= len(texts)
+
+
+def test_overload_is_429_and_nothing_is_dropped(tiny_dir):
+    gate = threading.Event()
+
+    def gated(model_dir, limits, device):
+        classifier = Classifier(model_dir, limits, device)
+        predict_fn = classifier.worker.predict_fn
+        classifier.worker.predict_fn = lambda texts: (gate.wait(30), predict_fn(texts))[1]
+        return classifier
+
+    with serve(tiny_dir, gated, max_queue=32) as c:
+        wait_ready(c)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first = pool.submit(c.post, "/predict", json={"texts": ["great film"] * 32})  # fills the queue
+            worker = c.app.state.model.classifier.worker
+            while worker.waiting < 32:
+                time.sleep(0.01)
+            refused = c.post("/predict", json={"text": "one more"})
+            gate.set()
+            assert first.result().status_code == 200 and len(first.result().json()["predictions"]) == 32
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "32 texts are already waiting" in refused.json()["error"]
+        assert c.post("/predict", json={"text": "after the rush"}).status_code == 200
+
+
+def test_worker_batches_waiting_texts_and_routes_rows():
+    seen_batches = []
+
+    def fake_model(texts):  # row = (length, first letter), so a mixed-up row is detectable
+        seen_batches.append(list(texts))
+        time.sleep(0.02)
+        return torch.tensor([[len(t), ord(t[0])] for t in texts], dtype=torch.float64)
+
+    worker = BatchWorker(fake_model, Limits(max_batch_size=8, max_wait_ms=20))
+    jobs = [[chr(97 + i) * (i + 1)] * (1 + i % 3) for i in range(20)]  # 20 callers, 1-3 texts each
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        futures = list(pool.map(worker.submit, jobs))
+    for texts, future in zip(jobs, futures):
+        assert future.result(timeout=10) == [[len(t), ord(t[0])] for t in texts]
+    worker.close()
+    sizes = [len(b) for b in seen_batches]
+    assert sum(sizes) == sum(len(j) for j in jobs) == 39
+    assert max(sizes) <= 8 and len(sizes) < 20  # batched, within the limit
+
+
+def test_split_by_length_trades_padding_against_forward_passes():
+    lengths = [30, 40, 50, 60, 90, 95, 100, 120, 125, 126, 127, 128]
+    assert split_by_length(lengths, 1_000_000) == [(0, 12)]  # passes expensive (GPU): one batch
+    assert split_by_length(lengths, 0) == [(i, i + 1) for i in range(12)]  # padding only: one text each
+    # cost 64: 64 + 4*60 + 64 + 3*100 + 64 + 5*128 = 1372 tokens, vs 64 + 12*128 = 1600 in one batch
+    assert split_by_length(lengths, 64) == [(0, 4), (4, 7), (7, 12)]
+    assert split_by_length([100] * 16, 64) == [(0, 16)]
+
+
+def test_classify_by_length_equals_one_padded_batch(tiny_dir):
+    model, tokenizer = load_for_inference(str(tiny_dir))
+    texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]  # 50 repeats: truncated at 64
+    chunked = classify_by_length(model, tokenizer, texts, 64, forward_cost_tokens=0)  # one text per pass
+    assert_close(chunked, classify(model, tokenizer, texts))  # input order kept
+
+
+def test_worker_failure_reaches_every_caller_and_worker_survives():
+    calls = []
+
+    def flaky(texts):
+        calls.append(texts)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return torch.zeros(len(texts), 2)
+
+    worker = BatchWorker(flaky, Limits(max_wait_ms=50))
+    failed = [worker.submit(["a"]), worker.submit(["b", "c"])]
+    for future in failed:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            future.result(timeout=10)
+    assert worker.submit(["d"]).result(timeout=10) == [[0.0, 0.0]]
+    assert worker.waiting == 0
+    worker.close()
+
+
+def test_worker_queue_bound_and_close():
+    gate = threading.Event()
+    worker = BatchWorker(lambda texts: (gate.wait(10), torch.zeros(len(texts), 2))[1], Limits(max_queue=4))
+    held = worker.submit(["a", "b", "c"])
+    with pytest.raises(Overloaded, match="3 texts are already waiting"):
+        worker.submit(["d", "e"])
+    gate.set()
+    assert held.result(timeout=10) == [[0.0, 0.0]] * 3
+    queued = worker.submit(["f"])
+    worker.close()  # finishes what was queued first
+    assert queued.result(timeout=1) == [[0.0, 0.0]]
+    with pytest.raises(Overloaded, match="shutting down"):
+        worker.submit(["g"])
+
+
+def test_check_texts_names_the_bad_text():
+    limits = Limits(max_inputs=3, max_chars=10)
+    check_texts(["ok", "x" * 10, "\x00"], limits)
+    with pytest.raises(InputError, match=r"texts\[1\] has 11 characters") as err:
+        check_texts(["ok", "x" * 11], limits)
+    assert err.value.status == 413
+    with pytest.raises(InputError, match="line 2 is empty") as err:
+        check_texts(["ok", "  "], limits, name=lambda i: f"line {i + 1}")
+    assert err.value.status == 422
+
+
+# -----------------------------------------------------------------------------
+# command lines: app.py flags and environment, predict.py
+
+
+def test_app_defaults_bind_loopback():
+    cfg = parse_config([])
+    assert (cfg.host, cfg.port, cfg.model_dir) == ("127.0.0.1", 8000, "./fine-tuned-bert")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model_dir", "/no/such/model"], "model folder '/no/such/model' does not exist"),
+    (["--max_queue", "8"], "--max_queue (8) must be at least --max_inputs (32)"),
+    (["--max_inputs", "0"], "--max_inputs must be a positive integer"),
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+])
+def test_app_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        app_module.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_app_config_from_environment(tiny_dir):
+    env = {"SERVE_MODEL_DIR": str(tiny_dir), "SERVE_MAX_INPUTS": "8", "SERVE_MAX_WAIT_MS": "2.5", "OTHER": "x"}
+    cfg = app_module.config_from_env(env)
+    assert (cfg.model_dir, cfg.max_inputs, cfg.max_wait_ms, cfg.host) == (str(tiny_dir), 8, 2.5, "127.0.0.1")
+
+
+def test_predict_cli_matches_the_api(client, tiny_dir, tmp_path, capsys):
+    texts = ["great film", "awful boring movie", "שלום 😍"]
+    predict_module.main(["--model_dir", str(tiny_dir), *texts])
+    from_args = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text("\n".join(texts * 30) + "\n", encoding="utf-8")  # 90 lines: three chunks
+    predict_module.main(["--model_dir", str(tiny_dir), "--file", str(reviews)])
+    from_file = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    api = predict(client, texts=texts)
+    assert [p["label"] for p in from_args] == [p["label"] for p in api]
+    assert_close(probs(from_args), probs(api))
+    assert len(from_file) == 90
+    assert_close(probs(from_file), probs(api * 30))
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "give reviews as arguments or --file"),
+    (["--file", "/no/such/file.txt"], "cannot read it as UTF-8 text"),
+    (["--model_dir", "/no/such/model", "fine"], "model folder '/no/such/model' does not exist"),
+    (["ok", "  "], "argument 2 is empty or whitespace only"),
+])
+def test_predict_cli_bad_input_exits_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        predict_module.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_predict_cli_names_the_blank_line(tmp_path, capsys):
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text("good\n\nbad\n")
+    with pytest.raises(SystemExit):
+        predict_module.main(["--file", str(reviews)])
+    assert f"line 2 of {reviews} is empty" in capsys.readouterr().err
