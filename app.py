@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi_offline import FastAPIOffline

@@ -81,16 +81,19 @@ def train_args(model, dataset, out, *extra):
     ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps its state in process-wide singletons; each test starts from a clean one."""
+def reset_accelerate():
+    """Accelerate keeps its state in process-wide singletons; a new run in this process needs them clean."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def read_records(out):
@@ -107,3 +110,34 @@ TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_sec
 
 def without_timings(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def crash_then_resume(model, dataset, out, flags, crash_at_step, monkeypatch):
+    """Train with `flags` into `out`, die right after step `crash_at_step`, then resume from the latest
+    checkpoint in a fresh run. Returns the log records the crashed run had written."""
+    import train_loop
+
+    real_after_step = train_loop.after_step
+
+    def after_step_then_crash(run, *args):
+        real_after_step(run, *args)
+        if run.progress.global_step == crash_at_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_loop, "after_step", after_step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop.main(train_args(model, dataset, out, *flags))
+    written_before_crash = read_records(out)
+    monkeypatch.setattr(train_loop, "after_step", real_after_step)
+    reset_accelerate()
+    train_loop.main(train_args(model, dataset, out, *flags, "--resume_from_checkpoint", "latest"))
+    return written_before_crash
+
+
+def assert_same_weights(out_a, out_b):
+    """The two runs' saved models are equal bit for bit."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(f"{out_a}/model/model.safetensors"), load_file(f"{out_b}/model/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

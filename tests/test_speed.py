@@ -5,7 +5,6 @@ that is a pure function of (seed, epoch) so that a resumed run repeats an uninte
 evaluation may run in any order but must report in dataset order.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,27 +14,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import data
 import model_utils
 import train_loop
-from conftest import train_args
+from conftest import (assert_same_weights, crash_then_resume, read_records, reset_accelerate, train_args,
+                      without_timings)
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps its state in process-wide singletons; each test starts from a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def review_lengths(n, seed=0):
@@ -151,15 +138,6 @@ def test_token_lengths_follow_a_selection():
 # training: the grouped sampler resumed mid-epoch
 
 
-def read_records(out):
-    with open(f"{out}/results/log_history.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timings(records):
-    return [{k: v for k, v in r.items() if "runtime" not in k and "per_second" not in k} for r in records]
-
-
 def test_resume_mid_epoch_with_grouped_batches(tiny_bert, csv_data, tmp_path, monkeypatch):
     # 64 rows in batches of 6: 10 full + 1 tail batch, 11 steps per epoch. Checkpoint at step 14
     # (epoch 1, 3 batches in), crash at 16: the resume must set epoch 1 and skip exactly 3 batches.
@@ -168,35 +146,17 @@ def test_resume_mid_epoch_with_grouped_batches(tiny_bert, csv_data, tmp_path, mo
     train_loop.main(train_args(tiny_bert, csv_data, tmp_path / "straight", *flags))
     straight = read_records(tmp_path / "straight")
 
-    interrupted = tmp_path / "resumed"
-    real_after_step = train_loop.after_step
-
-    def crash_at_step_16(run, *args):
-        real_after_step(run, *args)
-        if run.progress.global_step == 16:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_loop, "after_step", crash_at_step_16)
-    with pytest.raises(KeyboardInterrupt):
-        train_loop.main(train_args(tiny_bert, csv_data, interrupted, *flags))
-    monkeypatch.setattr(train_loop, "after_step", real_after_step)
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    train_loop.main(train_args(tiny_bert, csv_data, interrupted, *flags, "--resume_from_checkpoint", "latest"))
-
+    resumed = tmp_path / "resumed"
+    crash_then_resume(tiny_bert, csv_data, resumed, flags, crash_at_step=16, monkeypatch=monkeypatch)
     assert [r["step"] for r in straight if "loss" in r] == list(range(2, 23, 2))
-    assert without_timings(read_records(interrupted)) == without_timings(straight)
-    resumed_w, straight_w = load_file(f"{interrupted}/model/model.safetensors"), load_file(
-        f"{tmp_path}/straight/model/model.safetensors")
-    assert all(torch.equal(resumed_w[k], straight_w[k]) for k in straight_w)  # bitwise
+    assert without_timings(read_records(resumed)) == without_timings(straight)
+    assert_same_weights(resumed, tmp_path / "straight")
 
 
 def test_grouping_is_part_of_the_resume_contract(tiny_bert, csv_data, tmp_path, capsys):
     train_loop.main(train_args(tiny_bert, csv_data, tmp_path, "--max_steps", "3", "--save_strategy", "steps",
                                "--save_steps", "3"))
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(SystemExit):
         train_loop.main(train_args(tiny_bert, csv_data, tmp_path, "--max_steps", "6", "--no_group_by_length",
                                    "--resume_from_checkpoint", "latest"))

@@ -12,7 +12,7 @@ from transformers import get_scheduler, pipeline
 
 import model_utils
 import train_loop
-from conftest import read_records, train_args, without_timings
+from conftest import assert_same_weights, crash_then_resume, read_records, reset_accelerate, train_args, without_timings
 
 
 def run(tiny_bert, data, out, *extra):
@@ -220,29 +220,12 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tiny_bert, csv_data, tmp_p
              "--learning_rate", "1e-3", "--eval_strategy", "epoch")
     _, straight = run(tiny_bert, csv_data, tmp_path / "straight", *flags)
 
-    interrupted = tmp_path / "resumed"
-    real_after_step = train_loop.after_step
-
-    def crash_at_step_7(run_, *args):
-        real_after_step(run_, *args)
-        if run_.progress.global_step == 7:
-            raise KeyboardInterrupt  # killed after checkpoint-5, with steps 6 and 7 logged
-
-    monkeypatch.setattr(train_loop, "after_step", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train_loop.main(train_args(tiny_bert, csv_data, interrupted, *flags))
-    assert [r["step"] for r in train_logs(read_records(interrupted))] == [2, 4, 6]
-    monkeypatch.setattr(train_loop, "after_step", real_after_step)
-
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    train_loop.main(train_args(tiny_bert, csv_data, interrupted, *flags, "--resume_from_checkpoint", "latest"))
-
-    assert without_timings(read_records(interrupted)) == without_timings(straight)
-    resumed_w, straight_w = weights(interrupted), weights(tmp_path / "straight")
-    assert resumed_w.keys() == straight_w.keys()
-    assert all(torch.equal(resumed_w[k], straight_w[k]) for k in straight_w)  # bitwise
+    resumed = tmp_path / "resumed"
+    # killed after checkpoint-5, with steps 6 and 7 logged: the resume drops and redoes those
+    written = crash_then_resume(tiny_bert, csv_data, resumed, flags, crash_at_step=7, monkeypatch=monkeypatch)
+    assert [r["step"] for r in train_logs(written)] == [2, 4, 6]
+    assert without_timings(read_records(resumed)) == without_timings(straight)
+    assert_same_weights(resumed, tmp_path / "straight")
 
 
 def test_checkpoints_are_atomic_and_limited(tiny_bert, csv_data, tmp_path):
@@ -263,8 +246,7 @@ def test_checkpoints_are_atomic_and_limited(tiny_bert, csv_data, tmp_path):
 
 def test_resume_with_a_different_batch_size_is_refused(tiny_bert, csv_data, tmp_path, capsys):
     run(tiny_bert, csv_data, tmp_path, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3")
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(SystemExit) as exit_info:
         train_loop.main(train_args(tiny_bert, csv_data, tmp_path, "--max_steps", "6",
                                    "--per_device_train_batch_size", "4", "--resume_from_checkpoint", "latest"))
