@@ -325,23 +325,17 @@ def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_
     """
     if group_by_length:
         num_processes = num_processes or PartialState().num_processes  # the tail is spread over this many
-        batches = LengthGroupedBatchSampler(token_lengths(train_ds), train_batch_size, num_processes, seed)
-        train_dl = DataLoader(
-            train_ds,
-            batch_sampler=batches,
-            collate_fn=collator,
-            num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed),  # each new iterator draws a worker seed from it
-        )
+        order = {"batch_sampler": LengthGroupedBatchSampler(token_lengths(train_ds), train_batch_size,
+                                                            num_processes, seed)}
     else:
-        train_dl = DataLoader(
-            train_ds,
-            shuffle=True,
-            batch_size=train_batch_size,
-            collate_fn=collator,
-            num_workers=num_workers,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        order = {"shuffle": True, "batch_size": train_batch_size}
+    train_dl = DataLoader(
+        train_ds,
+        **order,
+        collate_fn=collator,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # the shuffle, and the worker seed of each new iterator
+    )
     eval_dl = None
     if eval_ds is not None:
         eval_dl = DataLoader(

@@ -441,6 +441,7 @@ class Run:
     num_labels: int
     steps_per_epoch: int
     total_steps: int
+    num_epochs: int
     log: RunLog
     progress: Progress
     last_eval: Optional[dict] = None
@@ -536,9 +537,8 @@ def train(run):
     start = time.perf_counter()
     first_step = run.progress.global_step
     first_epoch = first_step // run.steps_per_epoch
-    num_epochs = math.ceil(run.total_steps / run.steps_per_epoch)
     pbar = tqdm(total=run.total_steps, initial=first_step, disable=not run.accelerator.is_local_main_process)
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(first_epoch, run.num_epochs):
         train_one_epoch(run, epoch, pbar)
         if run.progress.global_step % run.steps_per_epoch == 0 or run.progress.global_step == run.total_steps:
             end_of_epoch(run)
@@ -637,7 +637,7 @@ def run_training(cfg):
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
-    steps_per_epoch, total_steps, warmup, _ = schedule_lengths(cfg, len(train_dl))
+    steps_per_epoch, total_steps, warmup, num_epochs = schedule_lengths(cfg, len(train_dl))
     lr_scheduler = accelerator.prepare(get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     ))
@@ -652,7 +652,7 @@ def run_training(cfg):
     if not cfg.resume_from_checkpoint and accelerator.is_main_process and os.path.exists(log.path):
         os.remove(log.path)  # a fresh run starts a fresh history
     run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, len(label_names),
-              steps_per_epoch, total_steps, log, progress)
+              steps_per_epoch, total_steps, num_epochs, log, progress)
     attach_study_tools(run)
     print_banner(run, len(train_ds), warmup)
     summary = train(run)
