@@ -1,0 +1,138 @@
+"""Two speed-ups for training on a CPU, both measured in BENCHMARKS.md, neither changing the math.
+
+1. Dropout masks from a faster random-number generator (`use_fast_dropout`).
+
+   Dropout zeroes each activation with probability p and scales the survivors by 1 / (1 - p).
+   The math is cheap; drawing the random mask is not. torch's CPU dropout draws one Bernoulli
+   sample at a time from its Mersenne Twister, and BERT drops out a lot of numbers: the attention
+   probabilities alone are batch x heads x T x T per layer (8 x 12 x 300 x 300 = 8.6M draws).
+   Profiled, that was 26% of a MiniLM training step on our 2-core machine, more than half as long
+   as all the matmuls.
+
+   Here the mask comes from numpy's PCG64 instead: one 64-bit draw gives four 16-bit numbers, and
+   an element is kept where its number is at least p x 65536. Same Bernoulli(1 - p) masks, with p
+   rounded to a multiple of 1/65536 (0.1 becomes 0.100006), about 4x faster for the whole dropout.
+   Each mask's PCG64 is seeded with one draw from torch's own generator, so `set_seed` still fixes
+   every mask and a checkpoint (accelerate saves torch's RNG state) still resumes bit for bit.
+
+   On a GPU torch's dropout uses a counter-based generator and SDPA's fused kernels apply it
+   inside attention: the stock path is already the fast one there, so this is for CPUs only.
+   Evaluation never draws masks (dropout is off in eval mode), so predictions do not change.
+
+2. Freed tensor memory kept for reuse (`reuse_freed_memory`).
+
+   On CPU, torch allocates every activation with malloc and frees it after the backward pass.
+   glibc hands out blocks above 32 MB (one attention-probability tensor at batch 8 and 512 tokens
+   is 100 MB) with a fresh mmap each time, and the kernel then zero-fills every page on first
+   touch: a new 100 MB tensor costs about 4x its arithmetic. Telling glibc to serve all sizes from
+   its heap and to keep freed memory there removes that cost, at the price of the process holding
+   on to its peak memory.
+"""
+
+import ctypes
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "sdpa_fast_dropout"
+
+
+# -----------------------------------------------------------------------------
+# the mask and the dropout itself
+
+
+def keep_mask(shape, p):
+    """A bool tensor of `shape`, each element True with probability 1 - p."""
+    numel = int(np.prod(shape))
+    seed = int(torch.randint(0, 2**62, ()))  # one draw from torch's generator: set_seed and resume still hold
+    bits = np.random.PCG64(seed).random_raw((numel + 3) // 4)  # 64 random bits per draw
+    uniform16 = torch.from_numpy(bits.view(np.int16)[:numel])  # 4 numbers per draw, uniform in [-32768, 32767]
+    return (uniform16 >= round(p * 65536) - 32768).view(shape)
+
+
+class MaskedScale(torch.autograd.Function):
+    """y = x * keep / (1 - p). The backward pass reuses the same bool mask (1 byte per element),
+    as torch's own dropout does."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+def apply_dropout(x, p, training=True):
+    if not training or p == 0.0:
+        return x
+    return MaskedScale.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with the faster mask; same `p`, same train/eval behaviour."""
+
+    def forward(self, x):
+        return apply_dropout(x, self.p, self.training)
+
+
+# -----------------------------------------------------------------------------
+# attention: SDPA, except that training draws its dropout mask here
+
+
+def attention_with_fast_dropout(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Without dropout (evaluation, or p = 0): exactly the model's SDPA path.
+
+    With dropout, attention is spelled out so that the probabilities can be dropped with our mask.
+    torch's CPU SDPA takes this same unfused path whenever dropout_p > 0, so nothing is lost.
+    Shapes: query/key/value (B, heads, T, head_dim); mask (B, 1, T, T) bool, True = may attend.
+    """
+    if dropout == 0.0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, heads, T, T)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    probs = apply_dropout(probs, dropout)
+    out = torch.matmul(probs, value)  # (B, heads, T, head_dim)
+    return out.transpose(1, 2).contiguous(), None  # (B, T, heads, head_dim), as the SDPA path returns
+
+
+AttentionInterface.register(ATTENTION_NAME, attention_with_fast_dropout)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the same bool masks SDPA gets
+
+
+# -----------------------------------------------------------------------------
+# installing both
+
+
+def use_fast_dropout(model):
+    """Swap every nn.Dropout in `model` for FastDropout and, if the model runs SDPA attention,
+    route attention through attention_with_fast_dropout. Returns the model (changed in place)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastDropout(child.p).train(child.training))
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+def reuse_freed_memory():
+    """Ask glibc to serve every allocation from its heap and keep freed memory for the next step.
+    Returns False (and changes nothing) where the C library is not glibc, e.g. on macOS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt's parameter numbers, from glibc's malloc.h
+    no_mmap = libc.mallopt(m_mmap_max, 0)  # never mmap a block: no zero-filled fresh pages per tensor
+    keep = libc.mallopt(m_trim_threshold, 2**31 - 1)  # give memory back to the OS only above 2 GB free
+    return bool(no_mmap and keep)

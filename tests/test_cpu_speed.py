@@ -1,0 +1,114 @@
+"""cpu_speed.py: the fast dropout draws the right masks, applies them right, changes nothing in
+evaluation, and train_loop.py switches it with --fast_dropout."""
+
+import platform
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import cpu_speed
+import train_loop
+from conftest import read_records, reset_accelerate, train_args
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_masks_keep_each_element_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    keep = cpu_speed.keep_mask((1000, 1000), p)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    # 10^6 draws: the kept share has a standard deviation of at most 0.0005.
+    assert keep.float().mean().item() == pytest.approx(1 - p, abs=0.002)
+
+
+def test_masks_follow_torchs_seed_and_advance_its_generator():
+    torch.manual_seed(3)
+    first, second = cpu_speed.keep_mask((64, 33), 0.1), cpu_speed.keep_mask((64, 33), 0.1)
+    torch.manual_seed(3)
+    assert torch.equal(cpu_speed.keep_mask((64, 33), 0.1), first)
+    assert not torch.equal(first, second)
+
+
+def test_dropout_scales_survivors_and_routes_gradients_through_the_same_mask():
+    x = torch.randn(40, 50, requires_grad=True)
+    torch.manual_seed(1)
+    keep = cpu_speed.keep_mask(x.shape, 0.2)
+    torch.manual_seed(1)
+    y = cpu_speed.apply_dropout(x, 0.2)
+    torch.testing.assert_close(y, torch.where(keep, x / 0.8, 0.0))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, keep.float() / 0.8)
+    assert cpu_speed.apply_dropout(x, 0.2, training=False) is x
+
+
+def tiny_classifier(dropout=0.1):
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+def padded_batch():
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # one padded row, so the attention mask matters
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_model_swap_keeps_evaluation_exact_and_train_eval_state():
+    model, batch = tiny_classifier().eval(), padded_batch()
+    before = model(**batch).logits
+    cpu_speed.use_fast_dropout(model)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m) is cpu_speed.FastDropout and not m.training for m in dropouts)
+    assert model.config._attn_implementation == cpu_speed.ATTENTION_NAME
+    assert torch.equal(model(**batch).logits, before)
+
+
+def test_without_dropout_training_forward_is_unchanged():
+    model, batch = tiny_classifier(dropout=0.0).train(), padded_batch()
+    before = model(**batch).logits
+    assert torch.equal(cpu_speed.use_fast_dropout(model)(**batch).logits, before)
+
+
+def test_attention_with_dropout_masks_padding_and_scales_like_sdpa(monkeypatch):
+    """With every element kept, the spelled-out attention is SDPA's result divided by (1 - p)."""
+    model = tiny_classifier()
+    module = model.bert.encoder.layer[0].attention.self
+    q, k, v = torch.randn(3, 3, 4, 10, 8).unbind(0)  # (B, heads, T, head_dim)
+    mask = torch.ones(3, 1, 10, 10, dtype=torch.bool)
+    mask[0, :, :, 6:] = False  # row 0: the last 4 keys are padding
+    monkeypatch.setattr(cpu_speed, "keep_mask", lambda shape, p: torch.ones(shape, dtype=torch.bool))
+    ours, _ = cpu_speed.attention_with_fast_dropout(module, q, k, v, mask, dropout=0.1, scaling=8**-0.5)
+    sdpa, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=8**-0.5)
+    torch.testing.assert_close(ours, sdpa / 0.9)
+
+
+def test_training_forward_draws_from_torchs_seed():
+    model, batch = cpu_speed.use_fast_dropout(tiny_classifier().train()), padded_batch()
+    torch.manual_seed(5)
+    first = model(**batch).logits
+    torch.manual_seed(5)
+    assert torch.equal(model(**batch).logits, first)
+    assert not torch.equal(model(**batch).logits, first)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_allocator_setting_is_accepted_by_glibc():
+    assert cpu_speed.reuse_freed_memory() is True
+
+
+def test_train_loop_flag_switches_the_dropout_path(tiny_bert, csv_data, tmp_path):
+    def losses(name, *flags):
+        out = tmp_path / name
+        reset_accelerate()
+        train_loop.main(train_args(tiny_bert, csv_data, out, "--max_steps", "3", "--logging_steps", "1",
+                                   "--eval_strategy", "no", "--save_strategy", "no", "--plots", "false", *flags))
+        return [r["loss"] for r in read_records(out) if "loss" in r]
+
+    fast = losses("fast")
+    stock, stock_again = losses("stock", "--fast_dropout", "false"), losses("again", "--fast_dropout", "false")
+    assert len(fast) == len(stock) == 3
+    assert stock == stock_again  # each path is deterministic under the seed ...
+    assert fast[0] != stock[0]  # ... and the flag really changes which masks are drawn
