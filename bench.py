@@ -38,6 +38,9 @@ KNOBS = {  # name: (threads, extra train_loop flags)
     "threads=1 sdpa": (1, []),
     "threads=2 eager": (2, ["--attn_implementation", "eager"]),
     "threads=2 sdpa torch_compile": (2, ["--torch_compile", "true"]),
+    "threads=2 sdpa, torch's dropout": (2, ["--fast_dropout", "false"]),
+    "threads=2 sdpa, glibc mmap per tensor": (2, ["--reuse_cpu_memory", "false"]),
+    "threads=2 sdpa, neither cpu_speed change": (2, ["--fast_dropout", "false", "--reuse_cpu_memory", "false"]),
 }
 
 
@@ -354,7 +357,7 @@ def tokenize(args):
 # Operator families of a BERT training step, by ATen name.
 OP_FAMILIES = {
     "matmuls (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
-    "dropout masks (bernoulli_)": ("aten::bernoulli_",),
+    "dropout masks (bernoulli_, or cpu_speed's keep_mask)": ("aten::bernoulli_", "cpu_speed::keep_mask"),
     "attention softmax fwd+bwd": ("aten::_softmax", "aten::_softmax_backward_data"),
     "AdamW (fused)": ("aten::_fused_adamw_",),
 }
@@ -365,6 +368,7 @@ def profile(args, steps=4):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    import cpu_speed
     import data
     import model_utils
 
@@ -377,6 +381,8 @@ def profile(args, steps=4):
     batches = batches[1: steps + 2]  # skip the longest-first step: a typical mix, warm-up first
     collator = data.build_collator(tokenizer, "no")
     model = model_utils.load_model(args.model, label_names).train()
+    cpu_speed.use_fast_dropout(model)  # what train_loop.py does on a CPU by default
+    cpu_speed.reuse_freed_memory()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
 
     def step(rows):

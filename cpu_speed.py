@@ -47,11 +47,12 @@ ATTENTION_NAME = "sdpa_fast_dropout"
 
 def keep_mask(shape, p):
     """A bool tensor of `shape`, each element True with probability 1 - p."""
-    numel = int(np.prod(shape))
-    seed = int(torch.randint(0, 2**62, ()))  # one draw from torch's generator: set_seed and resume still hold
-    bits = np.random.PCG64(seed).random_raw((numel + 3) // 4)  # 64 random bits per draw
-    uniform16 = torch.from_numpy(bits.view(np.int16)[:numel])  # 4 numbers per draw, uniform in [-32768, 32767]
-    return (uniform16 >= round(p * 65536) - 32768).view(shape)
+    with torch.profiler.record_function("cpu_speed::keep_mask"):  # named in profiles (--profile_steps)
+        numel = int(np.prod(shape))
+        seed = int(torch.randint(0, 2**62, ()))  # one draw from torch's generator: set_seed and resume hold
+        bits = np.random.PCG64(seed).random_raw((numel + 3) // 4)  # 64 random bits per draw
+        uniform16 = torch.from_numpy(bits.view(np.int16)[:numel])  # 4 per draw, uniform in [-32768, 32767]
+        return (uniform16 >= round(p * 65536) - 32768).view(shape)
 
 
 class MaskedScale(torch.autograd.Function):
@@ -91,17 +92,20 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
     """Without dropout (evaluation, or p = 0): exactly the model's SDPA path.
 
     With dropout, attention is spelled out so that the probabilities can be dropped with our mask.
-    torch's CPU SDPA takes this same unfused path whenever dropout_p > 0, so nothing is lost.
+    torch's CPU SDPA takes an unfused path like this one whenever dropout_p > 0, so no fused kernel
+    is lost. The (B, heads, T, T) tensors dominate the memory traffic, so every cheap step is done
+    on a smaller tensor instead: the 1/sqrt(head_dim) scaling on the queries, the 1/(1 - p) dropout
+    scaling on the output, and the padding mask as an in-place add.
     Shapes: query/key/value (B, heads, T, head_dim); mask (B, 1, T, T) bool, True = may attend.
     """
     if dropout == 0.0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, heads, T, T)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (B, heads, T, T)
+    if attention_mask is not None:  # padding keys get the lowest score: softmax gives them 0
+        scores.add_(torch.where(attention_mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype))
     probs = torch.softmax(scores, dim=-1)
-    probs = apply_dropout(probs, dropout)
-    out = torch.matmul(probs, value)  # (B, heads, T, head_dim)
+    probs = torch.where(keep_mask(probs.shape, dropout), probs, 0)  # dropout, unscaled ...
+    out = torch.matmul(probs, value) / (1.0 - dropout)  # ... scaled here: (B, heads, T, head_dim)
     return out.transpose(1, 2).contiguous(), None  # (B, T, heads, head_dim), as the SDPA path returns
 
 
