@@ -76,9 +76,11 @@ def short_reviews(model_dir, max_tokens, n, seed=0):
     return short[:n], sorted(lengths[texts.index(t)] for t in short[:n])
 
 
-def start_server(kind, model_dir, port, extra_env):
+def start_server(kind, model_dir, port, app_env):
     target = ["app:app"] if kind == "app" else ["bench_serve:create_baseline_app", "--factory"]
-    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir), **extra_env}
+    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir)}
+    if kind == "app":
+        env.update(app_env)
     cmd = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port),
            "--no-access-log", "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env)
@@ -122,40 +124,42 @@ async def load_test(url, texts, concurrency):
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=120) as http:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return elapsed, sorted(latencies), errors
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return elapsed, sorted(latencies), errors, cpu
 
 
 def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
-def bench(model_dir, port, texts, concurrencies, rounds, extra_env):
+def bench(model_dir, port, texts, concurrencies, rounds, app_env):
     """Both servers up at once (an idle one costs no CPU), measured in alternating rounds, so a
     background job on a shared machine slows both alike instead of skewing one side."""
     kinds = ["baseline", "app"]
     urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(kinds)}
-    processes = {kind: start_server(kind, model_dir, port + i, extra_env) for i, kind in enumerate(kinds)}
+    processes = {kind: start_server(kind, model_dir, port + i, app_env) for i, kind in enumerate(kinds)}
     rows = []
     try:
         for kind in kinds:
             wait_healthy(urls[kind], processes[kind])
             asyncio.run(load_test(urls[kind], texts[:32], max(concurrencies)))  # warm-up, not measured
         for concurrency in concurrencies:
-            totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0} for kind in kinds}
+            totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0, "client_cpu": 0.0} for kind in kinds}
             batches_before = httpx.get(urls["app"] + "/info").json()["batches_run"]
             for r in range(rounds):
                 chunk = texts[r::rounds]
                 for kind in (kinds if r % 2 == 0 else kinds[::-1]):
-                    elapsed, latencies, errors = asyncio.run(load_test(urls[kind], chunk, concurrency))
+                    elapsed, latencies, errors, cpu = asyncio.run(load_test(urls[kind], chunk, concurrency))
                     totals[kind]["seconds"] += elapsed
+                    totals[kind]["client_cpu"] += cpu
                     totals[kind]["latencies"] += latencies
                     totals[kind]["errors"] += errors
             batches = httpx.get(urls["app"] + "/info").json()["batches_run"] - batches_before
+            client_cpu = sum(t["client_cpu"] for t in totals.values()) / sum(t["seconds"] for t in totals.values())
             print(f"  concurrency {concurrency}: the app ran {len(texts)} texts in {batches} batches "
-                  f"({len(texts) / batches:.1f} per batch)", flush=True)
+                  f"({len(texts) / batches:.1f} per batch); this client used {client_cpu:.0%} of one core", flush=True)
             for kind in kinds:
                 t = totals[kind]
                 latencies = sorted(t["latencies"])
@@ -204,6 +208,8 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=4, help="alternate the servers this many times per concurrency")
     parser.add_argument("--port", type=int, default=8765, help="the baseline's port; the app gets the next one")
     parser.add_argument("--max_wait_ms", help="passed to the app as SERVE_MAX_WAIT_MS")
+    parser.add_argument("--app_env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more environment for the app only, e.g. SERVE_FORWARD_COST_TOKENS=64 OMP_NUM_THREADS=1")
     return parser.parse_args()
 
 
@@ -221,7 +227,9 @@ def main():
               f"(median {lengths[len(lengths) // 2]}); model {model_dir}")
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"python {platform.python_version()}")
-        extra_env = {"SERVE_MAX_WAIT_MS": args.max_wait_ms} if args.max_wait_ms else {}
+        extra_env = dict(pair.split("=", 1) for pair in args.app_env)
+        if args.max_wait_ms:
+            extra_env["SERVE_MAX_WAIT_MS"] = args.max_wait_ms
         print(HEADER)
         rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, extra_env)
         print_summary(rows)

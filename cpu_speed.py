@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "sdpa_fast_dropout"
 
@@ -98,11 +98,15 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
     scaling on the output, and the padding mask as an in-place add.
     Shapes: query/key/value (B, heads, T, head_dim); mask (B, 1, T, T) bool, True = may attend.
     """
-    if dropout == 0.0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+    causal_without_mask = getattr(module, "is_causal", False) and attention_mask is None  # SDPA's is_causal
+    if dropout == 0.0 or causal_without_mask:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (B, heads, T, T)
-    if attention_mask is not None:  # padding keys get the lowest score: softmax gives them 0
-        scores.add_(torch.where(attention_mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype))
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # padding keys: softmax gives them 0
+        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(scores.dtype).min)
+    if attention_mask is not None:
+        scores.add_(attention_mask.to(scores.dtype))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(keep_mask(probs.shape, dropout), probs, 0)  # dropout, unscaled ...
     out = torch.matmul(probs, value) / (1.0 - dropout)  # ... scaled here: (B, heads, T, head_dim)
