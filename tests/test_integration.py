@@ -20,7 +20,8 @@ def test_minilm_learns_imdb_sentiment(tmp_path):
         "--num_train_epochs", "1", "--logging_steps", "16", "--save_strategy", "no", "--report_to", "none",
         "--output_dir", str(tmp_path / "results"), "--final_model_dir", str(tmp_path / "model"),
     ])
-    # From 50% (a random head) to well above chance in one short epoch; measured 0.766 here.
+    # From 50% (a random head) to well above chance in one short epoch: measured 0.804 here
+    # (seed 43: 0.802; with --fast_dropout false 0.810 and 0.798, the same within noise).
     assert final["eval_accuracy"] >= 0.73
     assert final["eval_samples"] == 500
     losses = [r["loss"] for r in read_records(tmp_path) if "loss" in r]
