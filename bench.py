@@ -38,7 +38,7 @@ VARIANTS = {"trainer_seed": "(a) Trainer, seed", "trainer_best": "(b) Trainer, b
 KNOBS = {  # name: (threads, extra train_loop flags)
     "threads=2 sdpa": (2, []),
     "threads=1 sdpa": (1, []),
-    "threads=2 eager": (2, ["--attn_implementation", "eager"]),
+    "threads=2 eager (fast dropout for hidden states only)": (2, ["--attn_implementation", "eager"]),
     "threads=2 sdpa torch_compile": (2, ["--torch_compile", "true"]),
     "threads=2 sdpa, torch's dropout": (2, ["--fast_dropout", "false"]),
     "threads=2 sdpa, glibc mmap per tensor": (2, ["--reuse_cpu_memory", "false"]),
@@ -54,6 +54,8 @@ def parse_args(argv=None):
                         help="runs of each variant, interleaved (a, b, c, a, b, c): the fastest counts. The "
                              "machine is shared, and a neighbour's burst slows whichever run it lands on")
     parser.add_argument("--what", choices=["compare", "knobs", "tokenize", "profile"], default="compare")
+    parser.add_argument("--no_cpu_speed", action="store_true",
+                        help="with --what profile: torch's own dropout and memory handling (the 'before' profile)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.add_argument("--flags", default="[]", help=argparse.SUPPRESS)  # internal: extra train_loop flags
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)  # internal: datasets cache for --what tokenize
@@ -394,8 +396,9 @@ def profile(args, steps=4):
     batches = batches[1: steps + 2]  # skip the longest-first step: a typical mix, warm-up first
     collator = data.build_collator(tokenizer, "no")
     model = model_utils.load_model(args.model, label_names).train()
-    cpu_speed.use_fast_dropout(model)  # what train_loop.py does on a CPU by default
-    cpu_speed.reuse_freed_memory()
+    if not args.no_cpu_speed:  # what train_loop.py does on a CPU by default
+        cpu_speed.use_fast_dropout(model)
+        cpu_speed.reuse_freed_memory()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
 
     def step(rows):
@@ -410,8 +413,12 @@ def profile(args, steps=4):
         for rows in batches[1:]:
             step(rows)
     wall = time.perf_counter() - start
-    self_time = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
-    total = sum(self_time.values())
+    # Operators by their own time; a named block of ours (cpu_speed::keep_mask) by its whole time,
+    # since the operators inside it (the seed draw, the compare) are part of drawing the mask.
+    averages = prof.key_averages()
+    self_time = {e.key: e.self_cpu_time_total / 1e6 for e in averages}
+    self_time.update({e.key: e.cpu_time_total / 1e6 for e in averages if e.key.startswith("cpu_speed::")})
+    total = sum(e.self_cpu_time_total for e in averages) / 1e6
     families = {name: sum(self_time.get(op, 0.0) for op in ops) for name, ops in OP_FAMILIES.items()}
     families["everything else (elementwise, LayerNorm, GELU, copies, ...)"] = total - sum(families.values())
     cfg = model.config

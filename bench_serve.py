@@ -227,6 +227,8 @@ def main():
               f"(median {lengths[len(lengths) // 2]}); model {model_dir}")
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"python {platform.python_version()}")
+        if any("=" not in pair for pair in args.app_env):
+            raise SystemExit(f"--app_env takes KEY=VALUE pairs, got {args.app_env}")
         extra_env = dict(pair.split("=", 1) for pair in args.app_env)
         if args.max_wait_ms:
             extra_env["SERVE_MAX_WAIT_MS"] = args.max_wait_ms

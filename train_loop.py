@@ -100,8 +100,8 @@ class TrainConfig:
         "minutes and did not pay back (BENCHMARKS.md)")})
     fast_dropout: bool = field(default=True, metadata={"help": (
         "CPU training only: draw dropout masks from numpy's PCG64 (seeded from torch's generator) instead "
-        "of torch's one-at-a-time bernoulli_. Same Bernoulli masks, about 4x cheaper (cpu_speed.py). "
-        "Ignored on GPU and with --torch_compile")})
+        "of torch's bernoulli_. Same Bernoulli masks, drawn about 7x faster (cpu_speed.py). Off on GPU and "
+        "with --torch_compile; with --attn_implementation eager only the hidden-state dropouts use it")})
     reuse_cpu_memory: bool = field(default=True, metadata={"help": (
         "CPU training only: glibc keeps freed tensor memory for the next step instead of mapping fresh "
         "zero-filled pages for every large tensor (cpu_speed.py); the process then keeps its peak memory")})
@@ -635,7 +635,7 @@ def run_training(cfg):
     require(cfg.max_length <= model.config.max_position_embeddings,
             f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
     if cfg.do_train and accelerator.device.type == "cpu":
-        speed_up_cpu_training(cfg, model)
+        speed_up_cpu_training(cfg, model, accelerator)
     collator = data.build_collator(tokenizer, accelerator.mixed_precision)
     train_dl, eval_dl = data.build_dataloaders(
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
@@ -669,12 +669,14 @@ def run_training(cfg):
     return finish(run, summary, tokenizer)
 
 
-def speed_up_cpu_training(cfg, model):
+def speed_up_cpu_training(cfg, model, accelerator):
     """cpu_speed.py's two CPU-only speed-ups, each measured in BENCHMARKS.md; a GPU needs neither."""
-    if cfg.fast_dropout and not cfg.torch_compile:  # numpy inside forward() would split dynamo's graph
+    if cfg.fast_dropout and cfg.torch_compile:  # numpy inside forward() would split dynamo's graph
+        accelerator.print("--fast_dropout is off under --torch_compile: torch's own dropout is used.")
+    elif cfg.fast_dropout:
         cpu_speed.use_fast_dropout(model)
-    if cfg.reuse_cpu_memory:
-        cpu_speed.reuse_freed_memory()
+    if cfg.reuse_cpu_memory and not cpu_speed.reuse_freed_memory():
+        accelerator.print("--reuse_cpu_memory needs glibc's malloc (Linux); this C library keeps its own policy.")
 
 
 def attach_study_tools(run):
