@@ -101,7 +101,7 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
     is lost. The (B, heads, T, T) tensors dominate the memory traffic, so every cheap step is done
     on a smaller tensor instead: the 1/sqrt(head_dim) scaling on the queries, the 1/(1 - p) dropout
     scaling on the output, and the padding mask as an in-place add. Scores and softmax are fp32
-    even under bf16 autocast, as in SDPA.
+    even under bf16 autocast.
     Written for encoder self-attention (BERT and its relatives): anything else (causal, grouped
     key/value heads, soft-capping, position biases) goes to SDPA unchanged.
     Shapes: query/key/value (B, heads, T, head_dim); mask (B, 1, T, T) bool, True = may attend.
