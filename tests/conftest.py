@@ -96,6 +96,17 @@ def fresh_accelerate_state():
     reset_accelerate()
 
 
+def usage_error(main, argv, capsys):
+    """Run a command-line `main(argv)` that must refuse its input: exit code 2, no traceback.
+    Returns what it wrote to stderr, for the caller's own checks on the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
 def read_records(out):
     """The run's log records (log_history.jsonl) as a list of dicts."""
     import json

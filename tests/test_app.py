@@ -18,6 +18,7 @@ from transformers import pipeline
 import app as app_module
 import predict as predict_module
 from app import ServeConfig, create_app, parse_config, validate_config
+from conftest import usage_error
 from model_utils import classify, count_parameters, load_for_inference
 from served_models import IMDB_TEST, MINILM, save_minilm_classifier, save_tiny_bert
 from serving import (BatchWorker, Classifier, InputError, Limits, Overloaded, check_texts, classify_by_length,
@@ -434,11 +435,8 @@ def test_app_defaults_bind_loopback():
     (["--port", "70000"], "--port must be between 0 and 65535"),
 ])
 def test_app_bad_flags_exit_2_with_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        app_module.main(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    err = usage_error(app_module.main, argv, capsys)
+    assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1
 
 
@@ -470,16 +468,11 @@ def test_predict_cli_matches_the_api(client, tiny_dir, tmp_path, capsys):
     (["ok", "  "], "argument 2 is empty or whitespace only"),
 ])
 def test_predict_cli_bad_input_exits_2(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        predict_module.main(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    err = usage_error(predict_module.main, argv, capsys)
+    assert err.startswith("error: ") and message in err
 
 
 def test_predict_cli_names_the_blank_line(tmp_path, capsys):
     reviews = tmp_path / "reviews.txt"
     reviews.write_text("good\n\nbad\n")
-    with pytest.raises(SystemExit):
-        predict_module.main(["--file", str(reviews)])
-    assert f"line 2 of {reviews} is empty" in capsys.readouterr().err
+    assert f"line 2 of {reviews} is empty" in usage_error(predict_module.main, ["--file", str(reviews)], capsys)
