@@ -5,24 +5,28 @@
 
 Each server runs in its own process under the same uvicorn settings (one worker, no access log);
 they take turns, in --rounds alternating rounds, so that load from other jobs on a shared machine
-hits both alike; this process is the client (httpx, asyncio). Every request carries one real IMDb test review
-of at most --max_tokens tokens (short reviews, so a run takes a minute or two on a 2-core CPU),
+hits both alike; this process is the client (aiohttp, asyncio). Every request carries one real
+IMDb test review of at most --max_tokens tokens (short reviews, so a run takes a minute or two),
 the same reviews in the same order for both servers. Prints req/s and latency percentiles; the
 numbers go into BENCHMARKS.md ("## Serving") by hand, with the command, date and machine.
 """
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pandas as pd
 
@@ -92,83 +96,90 @@ def wait_healthy(url, process, timeout=120):
         if process.poll() is not None:
             raise SystemExit(f"server exited with code {process.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
+            get_json(url + "/health")
+            return
+        except OSError:  # not listening yet (URLError), or 503 while the model loads (HTTPError)
+            time.sleep(0.3)
     raise SystemExit(f"server at {url} not healthy after {timeout} s")
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
 
 
 # -----------------------------------------------------------------------------
 # the client
 
 
-async def load_test(url, texts, concurrency):
-    """Send every text as its own request, `concurrency` in flight at a time."""
+async def load_test(url, texts, concurrency, client="aiohttp"):
+    """Send every text as its own request, `concurrency` in flight at a time (closed loop: each
+    simulated user sends its next request when the previous answer arrives)."""
     latencies, errors, next_index = [], 0, 0
+    post = {"aiohttp": post_aiohttp, "httpx": post_httpx}[client]
 
-    async def client(http):
+    async def user(session):
         nonlocal errors, next_index
         while next_index < len(texts):
             text = texts[next_index]
-            next_index += 1  # no await in between: asyncio runs one client at a time
+            next_index += 1  # no await in between: asyncio runs one user at a time
             started = time.perf_counter()
-            try:
-                response = await http.post(url + "/predict", json={"text": text})
-                ok = response.status_code == 200 and len(response.json()["predictions"]) == 1
-            except httpx.HTTPError:
-                ok = False
+            ok = await post(session, url + "/predict", {"text": text})
             latencies.append(time.perf_counter() - started)
             errors += not ok
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+    async with open_session(client, concurrency) as session:
         started, cpu_started = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        await asyncio.gather(*(user(session) for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     return elapsed, sorted(latencies), errors, cpu
+
+
+def open_session(client, concurrency):
+    """One pooled session, `concurrency` keep-alive connections. This client shares the two cores
+    with the server it measures, so its own cost matters: per request, aiohttp used 0.4 ms of CPU
+    here and httpx 3.9 ms (BENCHMARKS.md), which slows the server's torch threads when they are busy."""
+    if client == "aiohttp":
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(limits=limits, timeout=120)
+
+
+async def post_aiohttp(session, url, body):
+    """True for a 200 answer holding one prediction; False for any other answer or a failed connection."""
+    try:
+        async with session.post(url, json=body) as response:
+            return response.status == 200 and len((await response.json())["predictions"]) == 1
+    except aiohttp.ClientError:
+        return False
+
+
+async def post_httpx(session, url, body):
+    try:
+        response = await session.post(url, json=body)
+        return response.status_code == 200 and len(response.json()["predictions"]) == 1
+    except httpx.HTTPError:
+        return False
 
 
 def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
-def bench(model_dir, port, texts, concurrencies, rounds, app_env):
+def bench(model_dir, port, texts, concurrencies, rounds, app_env, clients):
     """Both servers up at once (an idle one costs no CPU), measured in alternating rounds, so a
     background job on a shared machine slows both alike instead of skewing one side."""
-    kinds = ["baseline", "app"]
-    urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(kinds)}
-    processes = {kind: start_server(kind, model_dir, port + i, app_env) for i, kind in enumerate(kinds)}
+    urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(KINDS)}
+    processes = {kind: start_server(kind, model_dir, port + i, app_env) for i, kind in enumerate(KINDS)}
     rows = []
     try:
-        for kind in kinds:
+        for kind in KINDS:
             wait_healthy(urls[kind], processes[kind])
             asyncio.run(load_test(urls[kind], texts[:32], max(concurrencies)))  # warm-up, not measured
         for concurrency in concurrencies:
-            totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0, "client_cpu": 0.0} for kind in kinds}
-            batches_before = httpx.get(urls["app"] + "/info").json()["batches_run"]
-            for r in range(rounds):
-                chunk = texts[r::rounds]
-                for kind in (kinds if r % 2 == 0 else kinds[::-1]):
-                    elapsed, latencies, errors, cpu = asyncio.run(load_test(urls[kind], chunk, concurrency))
-                    totals[kind]["seconds"] += elapsed
-                    totals[kind]["client_cpu"] += cpu
-                    totals[kind]["latencies"] += latencies
-                    totals[kind]["errors"] += errors
-            batches = httpx.get(urls["app"] + "/info").json()["batches_run"] - batches_before
-            client_cpu = sum(t["client_cpu"] for t in totals.values()) / sum(t["seconds"] for t in totals.values())
-            print(f"  concurrency {concurrency}: the app ran {len(texts)} texts in {batches} batches "
-                  f"({len(texts) / batches:.1f} per batch); this client used {client_cpu:.0%} of one core", flush=True)
-            for kind in kinds:
-                t = totals[kind]
-                latencies = sorted(t["latencies"])
-                rows.append({
-                    "server": kind, "concurrency": concurrency, "requests": len(latencies), "errors": t["errors"],
-                    "seconds": t["seconds"], "req_per_s": len(latencies) / t["seconds"],
-                    **{f"p{q}_ms": 1000 * percentile(latencies, q) for q in (50, 95, 99)},
-                })
-                print(format_row(rows[-1]), flush=True)
+            for client in clients:
+                rows += measure(urls, texts, concurrency, rounds, client)
     finally:
         for process in processes.values():
             process.terminate()
@@ -176,27 +187,66 @@ def bench(model_dir, port, texts, concurrencies, rounds, app_env):
     return rows
 
 
+KINDS = ["baseline", "app"]
+
+
+def measure(urls, texts, concurrency, rounds, client):
+    """One table row per server: `texts` split over `rounds`, the servers taking turns."""
+    totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0, "client_cpu": 0.0, "rounds": []} for kind in KINDS}
+    batches_before = get_json(urls["app"] + "/info")["batches_run"]
+    for r in range(rounds):
+        chunk = texts[r::rounds]
+        for kind in (KINDS if r % 2 == 0 else KINDS[::-1]):
+            elapsed, latencies, errors, cpu = asyncio.run(load_test(urls[kind], chunk, concurrency, client))
+            totals[kind]["rounds"].append(len(chunk) / elapsed)
+            totals[kind]["seconds"] += elapsed
+            totals[kind]["client_cpu"] += cpu
+            totals[kind]["latencies"] += latencies
+            totals[kind]["errors"] += errors
+    batches = get_json(urls["app"] + "/info")["batches_run"] - batches_before
+    # Each round's two runs are back to back, so their ratio cancels slow drifts of a shared machine.
+    ratios = sorted(a / b for a, b in zip(totals["app"]["rounds"], totals["baseline"]["rounds"]))
+    print(f"  concurrency {concurrency}, {client}: the app ran {len(texts)} texts in {batches} batches "
+          f"({len(texts) / batches:.1f} per batch); app / baseline by round: median {statistics.median(ratios):.2f}x, "
+          f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x", flush=True)
+    rows = []
+    for kind in KINDS:
+        t = totals[kind]
+        latencies = sorted(t["latencies"])
+        rows.append({
+            "server": kind, "client": client, "concurrency": concurrency, "requests": len(latencies),
+            "errors": t["errors"], "seconds": t["seconds"], "req_per_s": len(latencies) / t["seconds"],
+            **{f"p{q}_ms": 1000 * percentile(latencies, q) for q in (50, 95, 99)},
+            "client_cpu_ms": 1000 * t["client_cpu"] / len(latencies),
+        })
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # report
 
 
-HEADER = "| server | concurrency | requests | errors | seconds | req/s | p50 ms | p95 ms | p99 ms |"
+HEADER = ("| server | client | concurrency | requests | errors | seconds | req/s | p50 ms | p95 ms | p99 ms "
+          "| client CPU ms/req |")
 
 
 def format_row(r):
-    return (f"| {r['server']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['seconds']:.1f} | "
-            f"{r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+    return (f"| {r['server']} | {r['client']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+            f"{r['seconds']:.1f} | {r['req_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} "
+            f"| {r['client_cpu_ms']:.2f} |")
 
 
 def print_summary(rows):
-    print("\n" + HEADER + "\n|---|---|---|---|---|---|---|---|---|")
+    print("\n" + HEADER + "\n" + "|---" * (HEADER.count("|") - 1) + "|")
     for r in rows:
         print(format_row(r))
-    by = {(r["server"], r["concurrency"]): r for r in rows}
-    for (server, concurrency), r in by.items():
-        base = by.get(("baseline", concurrency))
-        if server == "app" and base:
-            print(f"concurrency {concurrency}: app / baseline throughput = {r['req_per_s'] / base['req_per_s']:.2f}x")
+    by = {(r["server"], r["client"], r["concurrency"]): r for r in rows}
+    for (server, client, concurrency), r in by.items():
+        base = by[("baseline", client, concurrency)]
+        if server == "app":
+            print(f"concurrency {concurrency}, {client}: app / baseline throughput = "
+                  f"{r['req_per_s'] / base['req_per_s']:.2f}x")
 
 
 def parse_args():
@@ -207,6 +257,8 @@ def parse_args():
     parser.add_argument("--max_tokens", type=int, default=128, help="only reviews this short (tokens, specials included)")
     parser.add_argument("--rounds", type=int, default=4, help="alternate the servers this many times per concurrency")
     parser.add_argument("--port", type=int, default=8765, help="the baseline's port; the app gets the next one")
+    parser.add_argument("--client", nargs="+", choices=["aiohttp", "httpx"], default=["aiohttp"],
+                        help="the load generator; several are measured one after the other")
     parser.add_argument("--max_wait_ms", help="passed to the app as SERVE_MAX_WAIT_MS")
     parser.add_argument("--app_env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more environment for the app only, e.g. SERVE_FORWARD_COST_TOKENS=64 OMP_NUM_THREADS=1")
@@ -233,7 +285,7 @@ def main():
         if args.max_wait_ms:
             extra_env["SERVE_MAX_WAIT_MS"] = args.max_wait_ms
         print(HEADER)
-        rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, extra_env)
+        rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, extra_env, args.client)
         print_summary(rows)
 
 

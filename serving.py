@@ -131,6 +131,7 @@ class BatchWorker:
         self.queue = queue.SimpleQueue()  # (job, row index), one item per text
         self.lock = threading.Lock()  # guards `waiting` and `closed` against concurrent submitters
         self.waiting = 0
+        self.expected = 0  # texts in flight when the last batch ended: what the next gather() waits for
         self.closed = False
         self.batches = 0
         self.texts_done = 0
@@ -163,15 +164,24 @@ class BatchWorker:
             self.run_batch(batch)
 
     def gather(self):
-        """Block for the first text, then take more until the batch is full or max_wait_ms has passed."""
+        """Block for the first text, then take whatever is queued, waiting up to max_wait_ms for more
+        while the batch holds fewer texts than were in flight when the last batch ended.
+
+        Why that target: callers that got an answer usually send again at once (a client waiting on
+        each answer, a page, a script), so the texts in flight at the end of a batch predict the next
+        one's size. With 16 such clients the worker waits for all 16 instead of running half now and
+        half later; with one, it runs each text at once instead of waiting out the window for nobody.
+        """
         first = self.queue.get()
         if first is STOP:
             return None
         batch = [first]
+        target = self.expected
         deadline = time.monotonic() + self.limits.max_wait_ms / 1000
         while len(batch) < self.limits.max_batch_size:
+            wait = max(deadline - time.monotonic(), 0) if len(batch) < target else 0  # then only what is queued
             try:
-                item = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
+                item = self.queue.get(timeout=wait)
             except queue.Empty:
                 break
             if item is STOP:
@@ -187,6 +197,7 @@ class BatchWorker:
             probs, failure = None, err
         # Free the queue space before answering: a caller that has its answer may send again at once.
         with self.lock:
+            self.expected = self.waiting  # this batch and the texts queued behind it
             self.waiting -= len(batch)
         self.batches += 1
         self.texts_done += len(batch)
