@@ -1,8 +1,8 @@
 """Batched inference shared by the web app (app.py) and the command line (predict.py).
 
 One worker thread owns the model. Callers put texts on a queue and get a future back; the worker
-takes whatever is waiting, waits a few milliseconds for more (up to a batch limit), runs them as
-one padded batch under `torch.inference_mode`, and hands each caller its own rows. Why one worker:
+takes whatever is waiting, waits a few milliseconds for more when more are likely to come (up to a
+batch limit), runs them as one padded batch under `torch.inference_mode`, and hands each caller its own rows. Why one worker:
 on a CPU, 16 requests run one at a time cost 16 forward passes of small matrices, while one batch
 of 16 uses the cores far better (about 2x here; on a GPU far more); and the tokenizer is used by
 one thread only (it is not thread-safe across differing settings in transformers 5).
@@ -36,7 +36,9 @@ class Limits:
     )
     max_batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
     max_wait_ms: float = field(
-        default=5.0, metadata={"help": "how long the worker waits for more texts before running a batch"}
+        default=5.0,
+        metadata={"help": "the longest the worker waits for more texts, while fewer are in its batch than were "
+                          "in flight when the last one ended"},
     )
     max_queue: int = field(default=512, metadata={"help": "texts waiting at once; beyond this, requests get 429"})
     forward_cost_tokens: int = field(
