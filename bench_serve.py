@@ -151,7 +151,7 @@ async def post_aiohttp(session, url, body):
     try:
         async with session.post(url, json=body) as response:
             return response.status == 200 and len((await response.json())["predictions"]) == 1
-    except aiohttp.ClientError:
+    except (aiohttp.ClientError, TimeoutError):  # the 120 s total timeout raises TimeoutError
         return False
 
 
@@ -165,6 +165,9 @@ async def post_httpx(session, url, body):
 
 def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
+
+
+KINDS = ["baseline", "app"]
 
 
 def bench(model_dir, port, texts, concurrencies, rounds, app_env, clients):
@@ -185,9 +188,6 @@ def bench(model_dir, port, texts, concurrencies, rounds, app_env, clients):
             process.terminate()
             process.wait(timeout=30)
     return rows
-
-
-KINDS = ["baseline", "app"]
 
 
 def measure(urls, texts, concurrency, rounds, client):
