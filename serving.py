@@ -2,8 +2,8 @@
 
 One worker thread owns the model. Callers put texts on a queue and get a future back; the worker
 takes whatever is waiting, waits a few milliseconds for more when more are likely to come (up to a
-batch limit), runs them as one padded batch under `torch.inference_mode`, and hands each caller its own rows. Why one worker:
-on a CPU, 16 requests run one at a time cost 16 forward passes of small matrices, while one batch
+batch limit), runs them as one padded batch under `torch.inference_mode`, and hands each caller its
+own rows. Why one worker: on a CPU, 16 requests run one at a time cost 16 forward passes of small matrices, while one batch
 of 16 uses the cores far better (about 2x here; on a GPU far more); and the tokenizer is used by
 one thread only (it is not thread-safe across differing settings in transformers 5).
 """

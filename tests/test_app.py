@@ -374,27 +374,34 @@ def test_classify_by_length_equals_one_padded_batch(tiny_dir):
     assert_close(chunked, classify(model, tokenizer, texts))  # input order kept
 
 
-def test_worker_failure_reaches_every_caller_and_worker_survives():
-    calls, entered, gate = [], threading.Event(), threading.Event()
+class GatedModel:
+    """A fake predict_fn: records each batch and holds it until `gate` is set; batch number `fail_on` raises."""
 
-    def flaky(texts):  # the second batch fails
-        calls.append(texts)
-        entered.set()
-        gate.wait(10)
-        if len(calls) == 2:
+    def __init__(self, fail_on=None):
+        self.batches, self.entered, self.gate = [], threading.Event(), threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, texts):
+        self.batches.append(list(texts))
+        self.entered.set()
+        self.gate.wait(10)
+        if len(self.batches) == self.fail_on:
             raise RuntimeError("out of memory")
         return torch.zeros(len(texts), 2)
 
-    worker = BatchWorker(flaky, Limits(max_wait_ms=50))
+
+def test_worker_failure_reaches_every_caller_and_worker_survives():
+    model = GatedModel(fail_on=2)
+    worker = BatchWorker(model, Limits(max_wait_ms=50))
     first = worker.submit(["a"])
-    entered.wait(10)  # the worker is busy with ["a"]: the next two callers queue up behind it
+    model.entered.wait(10)  # the worker is busy with ["a"]: the next two callers queue up behind it
     failed = [worker.submit(["b"]), worker.submit(["c", "d"])]
-    gate.set()
+    model.gate.set()
     assert first.result(timeout=10) == [[0.0, 0.0]]
     for future in failed:
         with pytest.raises(RuntimeError, match="out of memory"):
             future.result(timeout=10)
-    assert calls[1] == ["b", "c", "d"]
+    assert model.batches[1] == ["b", "c", "d"]
     assert worker.submit(["e"]).result(timeout=10) == [[0.0, 0.0]]
     assert worker.waiting == 0
     worker.close()
@@ -402,28 +409,22 @@ def test_worker_failure_reaches_every_caller_and_worker_survives():
 
 def test_worker_waits_for_as_many_texts_as_were_in_flight():
     """A lone caller is never kept waiting for company; callers that resend at once are merged."""
-    sizes, entered, gate = [], threading.Event(), threading.Event()
-
-    def model(texts):
-        sizes.append(len(texts))
-        entered.set()
-        gate.wait(10)
-        return torch.zeros(len(texts), 2)
-
+    model = GatedModel()
     worker = BatchWorker(model, Limits(max_wait_ms=60_000))  # a wait that is not cut short would time out
-    gate.set()
+    model.gate.set()
     assert worker.submit(["a"]).result(timeout=10) == [[0.0, 0.0]]  # nothing was in flight before: no wait
     assert worker.submit(["b"]).result(timeout=10) == [[0.0, 0.0]]  # one was in flight: no wait either
-    gate.clear()
-    entered.clear()
+    model.gate.clear()
+    model.entered.clear()
     busy = worker.submit(["c"])
-    entered.wait(10)
+    model.entered.wait(10)
     queued = worker.submit(["d", "e"])  # arrives while ["c"] runs: 3 texts in flight when it ends
-    gate.set()
+    model.gate.set()
     busy.result(timeout=10)
     resent = worker.submit(["f"])  # c's caller sends again: the worker has waited for it
-    assert queued.result(timeout=10) == resent.result(timeout=10)[:1] * 2
-    assert sizes == [1, 1, 1, 3]
+    assert queued.result(timeout=10) == [[0.0, 0.0]] * 2
+    assert resent.result(timeout=10) == [[0.0, 0.0]]
+    assert [len(batch) for batch in model.batches] == [1, 1, 1, 3]
     worker.close()
 
 
