@@ -312,6 +312,7 @@ def create_app(cfg, load_classifier=Classifier):
             "max_length": classifier.max_length if classifier else None,
             "num_parameters": classifier.num_parameters if classifier else None,
             "device": cfg.device,
+            "packed": classifier.packed if classifier else None,  # batches run without padding (serving.py)
             "limits": {f.name: getattr(cfg, f.name) for f in fields(Limits)} | {"max_body_bytes": cfg.max_body_bytes},
             "batches_run": classifier.worker.batches if classifier else 0,
             "texts_classified": classifier.worker.texts_done if classifier else 0,

@@ -80,11 +80,10 @@ def short_reviews(model_dir, max_tokens, n, seed=0):
     return short[:n], sorted(lengths[texts.index(t)] for t in short[:n])
 
 
-def start_server(kind, model_dir, port, app_env):
-    target = ["app:app"] if kind == "app" else ["bench_serve:create_baseline_app", "--factory"]
-    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir)}
-    if kind == "app":
-        env.update(app_env)
+def start_server(app_env, model_dir, port):
+    """The app with `app_env` added to its environment, or the baseline when `app_env` is None."""
+    target = ["bench_serve:create_baseline_app", "--factory"] if app_env is None else ["app:app"]
+    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir), **(app_env or {})}
     cmd = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port),
            "--no-access-log", "--log-level", "warning"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env)
@@ -167,17 +166,23 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
-KINDS = ["baseline", "app"]
+def server_kinds(app_env, compare_env):
+    """Server name -> the app's extra environment; None is the baseline. `compare_env` adds a
+    second app, so that a setting is measured against the default in the same run."""
+    kinds = {"baseline": None, "app": app_env}
+    if compare_env:
+        kinds["app " + " ".join(f"{k}={v}" for k, v in compare_env.items())] = {**app_env, **compare_env}
+    return kinds
 
 
-def bench(model_dir, port, texts, concurrencies, rounds, app_env, clients):
-    """Both servers up at once (an idle one costs no CPU), measured in alternating rounds, so a
-    background job on a shared machine slows both alike instead of skewing one side."""
-    urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(KINDS)}
-    processes = {kind: start_server(kind, model_dir, port + i, app_env) for i, kind in enumerate(KINDS)}
+def bench(model_dir, port, texts, concurrencies, rounds, kinds, clients):
+    """Every server up at once (an idle one costs no CPU), measured in alternating rounds, so a
+    background job on a shared machine slows all alike instead of skewing one side."""
+    urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(kinds)}
+    processes = {kind: start_server(env, model_dir, port + i) for i, (kind, env) in enumerate(kinds.items())}
     rows = []
     try:
-        for kind in KINDS:
+        for kind in kinds:
             wait_healthy(urls[kind], processes[kind])
             asyncio.run(load_test(urls[kind], texts[:32], max(concurrencies)))  # warm-up, not measured
         for concurrency in concurrencies:
@@ -192,25 +197,28 @@ def bench(model_dir, port, texts, concurrencies, rounds, app_env, clients):
 
 def measure(urls, texts, concurrency, rounds, client):
     """One table row per server: `texts` split over `rounds`, the servers taking turns."""
-    totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0, "client_cpu": 0.0, "rounds": []} for kind in KINDS}
-    batches_before = get_json(urls["app"] + "/info")["batches_run"]
+    kinds = list(urls)
+    apps = kinds[1:]
+    totals = {kind: {"seconds": 0.0, "latencies": [], "errors": 0, "client_cpu": 0.0, "rounds": []} for kind in kinds}
+    batches_before = {app: get_json(urls[app] + "/info")["batches_run"] for app in apps}
     for r in range(rounds):
         chunk = texts[r::rounds]
-        for kind in (KINDS if r % 2 == 0 else KINDS[::-1]):
+        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
             elapsed, latencies, errors, cpu = asyncio.run(load_test(urls[kind], chunk, concurrency, client))
             totals[kind]["rounds"].append(len(chunk) / elapsed)
             totals[kind]["seconds"] += elapsed
             totals[kind]["client_cpu"] += cpu
             totals[kind]["latencies"] += latencies
             totals[kind]["errors"] += errors
-    batches = get_json(urls["app"] + "/info")["batches_run"] - batches_before
-    # Each round's two runs are back to back, so their ratio cancels slow drifts of a shared machine.
-    ratios = sorted(a / b for a, b in zip(totals["app"]["rounds"], totals["baseline"]["rounds"]))
-    print(f"  concurrency {concurrency}, {client}: the app ran {len(texts)} texts in {batches} batches "
-          f"({len(texts) / batches:.1f} per batch); app / baseline by round: median {statistics.median(ratios):.2f}x, "
-          f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x", flush=True)
+    for app in apps:
+        batches = get_json(urls[app] + "/info")["batches_run"] - batches_before[app]
+        # A round's runs are back to back, so their ratio cancels slow drifts of a shared machine.
+        ratios = sorted(a / b for a, b in zip(totals[app]["rounds"], totals["baseline"]["rounds"]))
+        print(f"  concurrency {concurrency}, {client}: {app} ran {len(texts)} texts in {batches} batches "
+              f"({len(texts) / batches:.1f} per batch); / baseline by round: median {statistics.median(ratios):.2f}x, "
+              f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x", flush=True)
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         t = totals[kind]
         latencies = sorted(t["latencies"])
         rows.append({
@@ -244,8 +252,8 @@ def print_summary(rows):
     by = {(r["server"], r["client"], r["concurrency"]): r for r in rows}
     for (server, client, concurrency), r in by.items():
         base = by[("baseline", client, concurrency)]
-        if server == "app":
-            print(f"concurrency {concurrency}, {client}: app / baseline throughput = "
+        if server != "baseline":
+            print(f"concurrency {concurrency}, {client}: {server} / baseline throughput = "
                   f"{r['req_per_s'] / base['req_per_s']:.2f}x")
 
 
@@ -256,13 +264,25 @@ def parse_args():
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max_tokens", type=int, default=128, help="only reviews this short (tokens, specials included)")
     parser.add_argument("--rounds", type=int, default=4, help="alternate the servers this many times per concurrency")
-    parser.add_argument("--port", type=int, default=8765, help="the baseline's port; the app gets the next one")
+    parser.add_argument("--port", type=int, default=8765, help="the baseline's port; the apps get the next ones")
     parser.add_argument("--client", nargs="+", choices=["aiohttp", "httpx"], default=["aiohttp"],
                         help="the load generator; several are measured one after the other")
     parser.add_argument("--max_wait_ms", help="passed to the app as SERVE_MAX_WAIT_MS")
     parser.add_argument("--app_env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more environment for the app only, e.g. SERVE_FORWARD_COST_TOKENS=64 OMP_NUM_THREADS=1")
-    return parser.parse_args()
+    parser.add_argument("--compare_env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="also measure a second app with this environment, e.g. SERVE_PACKED=false")
+    args = parser.parse_args()
+    args.app_env, args.compare_env = (parse_env(parser, name, getattr(args, name)) for name in ("app_env", "compare_env"))
+    if args.max_wait_ms:
+        args.app_env["SERVE_MAX_WAIT_MS"] = args.max_wait_ms
+    return args
+
+
+def parse_env(parser, name, pairs):
+    if any("=" not in pair for pair in pairs):
+        parser.error(f"--{name} takes KEY=VALUE pairs, got {pairs}")
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def main():
@@ -279,13 +299,9 @@ def main():
               f"(median {lengths[len(lengths) // 2]}); model {model_dir}")
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"python {platform.python_version()}")
-        if any("=" not in pair for pair in args.app_env):
-            raise SystemExit(f"--app_env takes KEY=VALUE pairs, got {args.app_env}")
-        extra_env = dict(pair.split("=", 1) for pair in args.app_env)
-        if args.max_wait_ms:
-            extra_env["SERVE_MAX_WAIT_MS"] = args.max_wait_ms
         print(HEADER)
-        rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, extra_env, args.client)
+        kinds = server_kinds(args.app_env, args.compare_env)
+        rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, kinds, args.client)
         print_summary(rows)
 
 

@@ -2,11 +2,14 @@
 
 One worker thread owns the model. Callers put texts on a queue and get a future back; the worker
 takes whatever is waiting, waits a few milliseconds for more when more are likely to come (up to a
-batch limit), runs them as one padded batch under `torch.inference_mode`, and hands each caller its
-own rows. Why one worker: on a CPU, 16 requests run one at a time cost 16 forward passes of small matrices, while one batch
-of 16 uses the cores far better (about 2x here; on a GPU far more); and the tokenizer is used by
-one thread only (it is not thread-safe across differing settings in transformers 5).
-"""
+batch limit), runs them as one batch under `torch.inference_mode`, and hands each caller its own
+rows. Why one worker: on a CPU, 16 requests run one at a time cost 16 forward passes of small
+matrices, while one batch of 16 uses the cores far better (about 2x here; on a GPU far more); and
+the tokenizer is used by one thread only (it is not thread-safe across differing settings in
+transformers 5).
+
+How a batch runs: on a CPU a BERT batch is packed, with no padding at all (`classify_packed`);
+elsewhere it is padded, and split by length where that saves time (`classify_by_length`)."""
 
 import math
 import queue
@@ -15,8 +18,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate, chain, pairwise
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, BertForSequenceClassification
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from model_utils import classify, count_parameters, label_names, load_for_inference, model_max_length
 
@@ -41,10 +49,16 @@ class Limits:
                           "in flight when the last one ended"},
     )
     max_queue: int = field(default=512, metadata={"help": "texts waiting at once; beyond this, requests get 429"})
+    packed: bool = field(
+        default=True,
+        metadata={"help": "on a CPU, run each batch of a BERT model with no padding: its texts end to end, "
+                          "attention per text (--packed false: padded batches, split by length)"},
+    )
     forward_cost_tokens: int = field(
         default=None,
-        metadata={"help": "what one more forward pass costs, in padded tokens; a batch is split by length "
-                          "where the padding saved is worth more. Default: 128 on CPU, no split on a GPU"},
+        metadata={"help": "for padded batches: what one more forward pass costs, in padded tokens; a batch is "
+                          "split by length where the padding saved is worth more. Default: 128 on CPU, no split "
+                          "on a GPU"},
     )
 
 
@@ -211,7 +225,70 @@ class BatchWorker:
 
 
 # -----------------------------------------------------------------------------
-# the model call: one gathered batch, split by length
+# the model call, packed: no padding at all (a BERT model on a CPU)
+#
+# A padded batch of texts of 30 and 120 tokens computes 120 rows for each. Packing lays the texts'
+# tokens end to end as one sequence of exactly the real tokens instead. Everything in a BERT layer
+# but attention works on each token alone (the Q/K/V, output and feed-forward matrices, LayerNorm),
+# so those matmuls, most of the work, run once on one tall matrix with no wasted rows. Attention
+# must not mix texts: `packed_sdpa` runs it text by text, between the offsets in `cu_seq_lens_q`
+# (the name flash-attention's variable-length kernels use). TEI serves BERT models the same way.
+
+PACKED_ATTENTION = "packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
+    """transformers' SDPA attention, except for a packed batch: then each text attends to itself only.
+
+    query, key, value: (1, heads, total tokens, head size); returns (1, total tokens, heads, head size).
+    """
+    if cu_seq_lens_q is None:  # an ordinary padded batch
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    out = torch.empty_like(query)
+    for start, end in pairwise(cu_seq_lens_q.tolist()):
+        span = slice(start, end)
+        out[:, :, span] = F.scaled_dot_product_attention(query[:, :, span], key[:, :, span], value[:, :, span],
+                                                         scale=scaling)
+    return out.transpose(1, 2), None
+
+
+# Registered by name, like "sdpa": model.set_attn_implementation(PACKED_ATTENTION) then routes every
+# attention layer here. Padded batches build their mask as for "sdpa".
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def can_pack(model):
+    """Packing needs to know the model's layout: BERT's embeddings, encoder, pooler and classifier."""
+    return isinstance(model, BertForSequenceClassification) and model.bert.pooler is not None
+
+
+@torch.inference_mode()
+def classify_packed(model, tokenizer, texts, max_length):
+    """Probabilities (len(texts), num_labels) in input order, from one forward pass with no padding.
+
+    The model must use PACKED_ATTENTION. This is BertForSequenceClassification.forward, taken apart
+    where it assumes one text per row: positions restart at 0 for each text, and the pooler reads
+    each text's [CLS] token, not the first row's.
+    """
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    lengths = [len(row) for row in ids]
+    device = model.device
+    input_ids = torch.tensor(list(chain.from_iterable(ids)), device=device)[None]  # (1, total tokens)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    starts = torch.tensor([0, *accumulate(lengths)], device=device)  # text i is tokens starts[i]:starts[i + 1]
+    bert = model.bert
+    hidden = bert.embeddings(input_ids=input_ids, position_ids=position_ids)  # token types: all 0, one text each
+    hidden = bert.encoder(hidden, cu_seq_lens_q=starts, cu_seq_lens_k=starts).last_hidden_state
+    cls = hidden[0, starts[:-1]]  # (texts, hidden): each text's first token, [CLS]
+    pooled = bert.pooler(cls[:, None])  # the pooler takes position 0 of a (texts, 1, hidden) batch
+    logits = model.classifier(model.dropout(pooled))
+    return logits.float().softmax(dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# the model call, padded: one gathered batch, split by length
 
 
 def classify_by_length(model, tokenizer, texts, max_length, forward_cost_tokens):
@@ -269,10 +346,18 @@ class Classifier:
         self.max_length = model_max_length(model, tokenizer)
         self.num_parameters = count_parameters(model)
         self.limits = limits
-        cost = limits.forward_cost_tokens
-        if cost is None:  # a GPU pads for free (it runs the padded tokens in parallel): never split there
-            cost = CPU_FORWARD_COST_TOKENS if model.device.type == "cpu" else 1_000_000
-        predict_fn = partial(classify_by_length, model, tokenizer, max_length=self.max_length, forward_cost_tokens=cost)
+        # A GPU computes padded rows in parallel, nearly free, and would pay for the per-text attention
+        # loop in kernel launches: packing is for the CPU, where every padded row costs its full share.
+        self.packed = limits.packed and model.device.type == "cpu" and can_pack(model)
+        if self.packed:
+            model.set_attn_implementation(PACKED_ATTENTION)
+            predict_fn = partial(classify_packed, model, tokenizer, max_length=self.max_length)
+        else:
+            cost = limits.forward_cost_tokens
+            if cost is None:  # a GPU pads for free (it runs the padded tokens in parallel): never split there
+                cost = CPU_FORWARD_COST_TOKENS if model.device.type == "cpu" else 1_000_000
+            predict_fn = partial(classify_by_length, model, tokenizer, max_length=self.max_length,
+                                 forward_cost_tokens=cost)
         self.worker = BatchWorker(predict_fn, limits)
         self.warm_up()
 

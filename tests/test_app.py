@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import pipeline
+from transformers import DistilBertConfig, DistilBertForSequenceClassification, pipeline
 
 import app as app_module
 import predict as predict_module
@@ -21,8 +21,8 @@ from app import ServeConfig, create_app, parse_config, validate_config
 from conftest import usage_error
 from model_utils import classify, count_parameters, load_for_inference
 from served_models import IMDB_TEST, MINILM, save_minilm_classifier, save_tiny_bert
-from serving import (BatchWorker, Classifier, InputError, Limits, Overloaded, check_texts, classify_by_length,
-                     split_by_length)
+from serving import (PACKED_ATTENTION, BatchWorker, Classifier, InputError, Limits, Overloaded, can_pack, check_texts,
+                     classify_by_length, classify_packed, split_by_length)
 
 UNICODE_TEXTS = [
     "I loved it 😍🎬👍🏽 best film of the year 🏆",
@@ -165,8 +165,10 @@ def test_info(tiny_dir, tmp_path):
     assert info["num_parameters"] == count_parameters(model)
     assert info["eval_results"] == results
     assert info["eval_results_path"] == str(tmp_path / "results" / "eval_results.json")
+    assert info["packed"] is True  # a BERT model on a CPU
     assert info["limits"] == {"max_inputs": 32, "max_chars": 100_000, "max_batch_size": 32, "max_wait_ms": 5.0,
-                              "max_queue": 512, "forward_cost_tokens": None, "max_body_bytes": 2 * 1024 * 1024}
+                              "max_queue": 512, "packed": True, "forward_cost_tokens": None,
+                              "max_body_bytes": 2 * 1024 * 1024}
 
 
 def test_info_eval_results_beside_the_model_win(tiny_dir, tmp_path):
@@ -372,6 +374,31 @@ def test_classify_by_length_equals_one_padded_batch(tiny_dir):
     texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]  # 50 repeats: truncated at 64
     chunked = classify_by_length(model, tokenizer, texts, 64, forward_cost_tokens=0)  # one text per pass
     assert_close(chunked, classify(model, tokenizer, texts))  # input order kept
+
+
+def test_packed_batch_equals_padded_batch(tiny_dir):
+    model, tokenizer = load_for_inference(str(tiny_dir))
+    texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]  # 50 repeats: truncated at 64
+    padded = classify(model, tokenizer, texts)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    assert_close(classify(model, tokenizer, texts), padded)  # a padded batch runs as under "sdpa"
+    packed = classify_packed(model, tokenizer, texts, 64)
+    # Equal only if attention stays inside each text, positions restart at 0 and each [CLS] is pooled.
+    assert_close(packed, padded)
+    assert packed[:, 1].max() - packed[:, 1].min() > 0.05  # the texts score differently: not a constant
+
+
+def test_classifier_packs_bert_batches_on_a_cpu_unless_told_not_to(tiny_dir):
+    texts = ["great film " * n for n in (9, 1, 30, 4)]
+    for packed in (True, False):
+        classifier = Classifier(str(tiny_dir), Limits(packed=packed), "cpu")
+        try:
+            assert classifier.packed is packed
+            assert_close(probs(classifier.predict(texts)), single_row_probs(tiny_dir, texts))
+        finally:
+            classifier.close()
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
+    assert not can_pack(DistilBertForSequenceClassification(config))  # another layout: padded batches
 
 
 class GatedModel:
