@@ -191,6 +191,7 @@ def bench(model_dir, port, texts, concurrencies, rounds, kinds, clients):
     finally:
         for process in processes.values():
             process.terminate()
+        for process in processes.values():
             process.wait(timeout=30)
     return rows
 
@@ -212,11 +213,12 @@ def measure(urls, texts, concurrency, rounds, client):
             totals[kind]["errors"] += errors
     for app in apps:
         batches = get_json(urls[app] + "/info")["batches_run"] - batches_before[app]
-        # A round's runs are back to back, so their ratio cancels slow drifts of a shared machine.
-        ratios = sorted(a / b for a, b in zip(totals[app]["rounds"], totals["baseline"]["rounds"]))
         print(f"  concurrency {concurrency}, {client}: {app} ran {len(texts)} texts in {batches} batches "
-              f"({len(texts) / batches:.1f} per batch); / baseline by round: median {statistics.median(ratios):.2f}x, "
-              f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x", flush=True)
+              f"({len(texts) / batches:.1f} per batch); / baseline by round: "
+              f"{ratio_by_round(totals[app], totals['baseline'])}", flush=True)
+    for app in apps[1:]:
+        print(f"  concurrency {concurrency}, {client}: {app} / app by round: "
+              f"{ratio_by_round(totals[app], totals['app'])}", flush=True)
     rows = []
     for kind in kinds:
         t = totals[kind]
@@ -229,6 +231,12 @@ def measure(urls, texts, concurrency, rounds, client):
         })
         print(format_row(rows[-1]), flush=True)
     return rows
+
+
+def ratio_by_round(a, b):
+    """A round's runs are back to back, so their ratio cancels slow drifts of a shared machine."""
+    ratios = sorted(x / y for x, y in zip(a["rounds"], b["rounds"]))
+    return f"median {statistics.median(ratios):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x"
 
 
 # -----------------------------------------------------------------------------

@@ -232,7 +232,7 @@ class BatchWorker:
 # but attention works on each token alone (the Q/K/V, output and feed-forward matrices, LayerNorm),
 # so those matmuls, most of the work, run once on one tall matrix with no wasted rows. Attention
 # must not mix texts: `packed_sdpa` runs it text by text, between the offsets in `cu_seq_lens_q`
-# (the name flash-attention's variable-length kernels use). TEI serves BERT models the same way.
+# (the name flash-attention's variable-length kernels use, which TEI packs BERT batches with on GPUs).
 
 PACKED_ATTENTION = "packed_sdpa"
 
@@ -245,6 +245,8 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     if cu_seq_lens_q is None:  # an ordinary padded batch
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    if module.training or module.is_causal:
+        raise NotImplementedError("packed attention runs an encoder in eval mode: no dropout, no causal mask")
     out = torch.empty_like(query)
     for start, end in pairwise(cu_seq_lens_q.tolist()):
         span = slice(start, end)
@@ -260,8 +262,16 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
 def can_pack(model):
-    """Packing needs to know the model's layout: BERT's embeddings, encoder, pooler and classifier."""
-    return isinstance(model, BertForSequenceClassification) and model.bert.pooler is not None
+    """Packing needs to know the model's layout: BERT's embeddings, encoder, pooler and classifier,
+    with bidirectional attention (a BERT configured as a decoder attends causally)."""
+    return type(model) is BertForSequenceClassification and not model.config.is_decoder
+
+
+def use_packed_attention(model):
+    """Route the model's attention layers to packed_sdpa; False where transformers cannot (it then
+    only logs a warning, e.g. when it cannot read the model's source), so the caller must check."""
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return model.config._attn_implementation == PACKED_ATTENTION
 
 
 @torch.inference_mode()
@@ -348,9 +358,8 @@ class Classifier:
         self.limits = limits
         # A GPU computes padded rows in parallel, nearly free, and would pay for the per-text attention
         # loop in kernel launches: packing is for the CPU, where every padded row costs its full share.
-        self.packed = limits.packed and model.device.type == "cpu" and can_pack(model)
+        self.packed = limits.packed and model.device.type == "cpu" and can_pack(model) and use_packed_attention(model)
         if self.packed:
-            model.set_attn_implementation(PACKED_ATTENTION)
             predict_fn = partial(classify_packed, model, tokenizer, max_length=self.max_length)
         else:
             cost = limits.forward_cost_tokens

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import DistilBertConfig, DistilBertForSequenceClassification, pipeline
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, pipeline)
 
 import app as app_module
 import predict as predict_module
@@ -378,7 +379,7 @@ def test_classify_by_length_equals_one_padded_batch(tiny_dir):
 
 def test_packed_batch_equals_padded_batch(tiny_dir):
     model, tokenizer = load_for_inference(str(tiny_dir))
-    texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]  # 50 repeats: truncated at 64
+    texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)] + ["\x00"]  # truncated at 64; [CLS] [SEP]
     padded = classify(model, tokenizer, texts)
     model.set_attn_implementation(PACKED_ATTENTION)
     assert_close(classify(model, tokenizer, texts), padded)  # a padded batch runs as under "sdpa"
@@ -386,6 +387,7 @@ def test_packed_batch_equals_padded_batch(tiny_dir):
     # Equal only if attention stays inside each text, positions restart at 0 and each [CLS] is pooled.
     assert_close(packed, padded)
     assert packed[:, 1].max() - packed[:, 1].min() > 0.05  # the texts score differently: not a constant
+    assert_close(classify_packed(model, tokenizer, texts[:1], 64), padded[:1])  # a batch of one
 
 
 def test_classifier_packs_bert_batches_on_a_cpu_unless_told_not_to(tiny_dir):
@@ -397,8 +399,25 @@ def test_classifier_packs_bert_batches_on_a_cpu_unless_told_not_to(tiny_dir):
             assert_close(probs(classifier.predict(texts)), single_row_probs(tiny_dir, texts))
         finally:
             classifier.close()
+
     config = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
     assert not can_pack(DistilBertForSequenceClassification(config))  # another layout: padded batches
+    decoder = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, is_decoder=True)
+    assert not can_pack(BertForSequenceClassification(decoder))  # causal attention: padded batches
+
+
+def test_classifier_falls_back_to_padded_batches_when_attention_cannot_be_switched(tiny_dir, monkeypatch):
+    # transformers only warns when it cannot switch a model's attention (it reads the model's source
+    # to decide): packing without packed attention would let texts attend to each other.
+    monkeypatch.setattr(BertForSequenceClassification, "_can_set_attn_implementation_cached_value", False)
+    texts = ["great film " * n for n in (9, 1, 30, 4)]
+    classifier = Classifier(str(tiny_dir), Limits(), "cpu")
+    try:
+        assert classifier.packed is False
+        assert_close(probs(classifier.predict(texts)), single_row_probs(tiny_dir, texts))
+    finally:
+        classifier.close()
 
 
 class GatedModel:
