@@ -232,7 +232,7 @@ class BatchWorker:
 # but attention works on each token alone (the Q/K/V, output and feed-forward matrices, LayerNorm),
 # so those matmuls, most of the work, run once on one tall matrix with no wasted rows. Attention
 # must not mix texts: `packed_sdpa` runs it text by text, between the offsets in `cu_seq_lens_q`
-# (the name flash-attention's variable-length kernels use, which TEI packs BERT batches with on GPUs).
+# (the name flash-attention's variable-length kernels use; TEI packs BERT batches with those on GPUs).
 
 PACKED_ATTENTION = "packed_sdpa"
 
@@ -363,7 +363,7 @@ class Classifier:
             predict_fn = partial(classify_packed, model, tokenizer, max_length=self.max_length)
         else:
             cost = limits.forward_cost_tokens
-            if cost is None:  # a GPU pads for free (it runs the padded tokens in parallel): never split there
+            if cost is None:  # padding is nearly free on a GPU (above): never split there
                 cost = CPU_FORWARD_COST_TOKENS if model.device.type == "cpu" else 1_000_000
             predict_fn = partial(classify_by_length, model, tokenizer, max_length=self.max_length,
                                  forward_cost_tokens=cost)
