@@ -1,7 +1,8 @@
-# Two commands do everything on a fresh machine (Python 3.10+):
+# Three commands do everything on a fresh machine (Python 3.10+):
 #   make train [ARGS="--model_name_or_path ../shared/models/minilm-l6 ..."]
+#   make serve [ARGS="--model_dir ./fine-tuned-bert --port 8000"]    # python -m serve
 #   make test
-# Both create .venv and install requirements.txt first (again only when it changes).
+# Each creates .venv and installs requirements.txt first (again only when it changes).
 
 PYTHON ?= python3
 VENV := .venv
@@ -24,4 +25,4 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q $(ARGS)
 
 serve: $(VENV)/.installed
-	$(BIN)/python app.py $(ARGS)
+	$(BIN)/python -m serve $(ARGS)

@@ -123,29 +123,32 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, dropo
     return out.transpose(1, 2).contiguous(), None  # (B, T, heads, head_dim), as the SDPA path returns
 
 
-AttentionInterface.register(ATTENTION_NAME, attention_with_fast_dropout)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the same bool masks SDPA gets
-
-
 # -----------------------------------------------------------------------------
 # installing both
 
 
 def use_fast_dropout(model):
     """Swap every nn.Dropout in `model` for FastDropout and, if the model runs SDPA attention,
-    route attention through attention_with_fast_dropout. Returns the model (changed in place)."""
+    route attention through attention_with_fast_dropout (registered with transformers here, when
+    switched on, not at import). Returns the model, changed in place."""
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Dropout and not child.inplace:  # FastDropout returns a new tensor
                 setattr(module, name, FastDropout(child.p).train(child.training))
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        AttentionInterface.register(ATTENTION_NAME, attention_with_fast_dropout)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the same bool masks SDPA gets
         model.set_attn_implementation(ATTENTION_NAME)
     return model
 
 
 def reuse_freed_memory():
     """Ask glibc to serve every allocation from its heap and keep freed memory for the next step.
-    Returns False (and changes nothing) where the C library is not glibc, e.g. on macOS."""
+
+    mallopt is process-wide and cannot be undone: it holds for everything else in the process
+    (whoever calls train_loop.run_training in their own process, tests and benchmarks included),
+    until the process exits. Returns False (and changes nothing) where the C library is not glibc,
+    e.g. on macOS."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -1,8 +1,9 @@
 """Walk through one forward and one backward pass of BERT on one real batch, and print both.
 
-Takes train_loop.py's model and data flags, builds the same tokenizer, batches, model, AdamW and
-Accelerator (so --mixed_precision shows the dtypes autocast really produces), takes one training
-batch and prints:
+Takes train_loop.py's model and data flags and builds everything through train_loop.build, the
+setup training itself uses: the same tokenizer, batches, model (its --attn_implementation, and on a
+CPU the speed-ups of cpu_speed.py), AdamW and Accelerator (so --mixed_precision shows the dtypes
+autocast really produces). It says first what it walks through, then takes one training batch and prints:
 
   forward   every block's output from the embeddings through each encoder layer's attention and
             feed-forward halves to the pooler, the classifier and the loss: shape, dtype, mean,
@@ -25,10 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from accelerate.utils import set_seed
 from transformers import HfArgumentParser
 
-import data
 import model_utils
 import study
 import train_loop
@@ -61,25 +60,30 @@ def parse_config(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# setup: train_loop's pieces, one batch
+# setup: train_loop's own setup path, one batch
 
 
 def setup(cfg):
-    """(accelerator, prepared model, prepared AdamW, one training batch on the device)."""
-    accelerator = train_loop.build_accelerator(cfg)
-    set_seed(cfg.seed)
-    splits, label_names = train_loop.load_data(cfg)
-    tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
-    train_ds, _ = train_loop.tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
-    model = model_utils.load_model(cfg.model_name_or_path, label_names)
-    train_loop.require(cfg.max_length <= model.config.max_position_embeddings,
-                       f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings}.")
-    collator = data.build_collator(tokenizer, accelerator.mixed_precision)
-    train_dl, _ = data.build_dataloaders(train_ds, None, collator, cfg.per_device_train_batch_size,
-                                         cfg.per_device_eval_batch_size, cfg.seed)
-    optimizer = train_loop.build_optimizer(model, cfg)
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    return accelerator, model, optimizer, next(iter(train_dl))
+    """(accelerator, prepared model, prepared AdamW, one training batch on the device, what is walked through).
+
+    train_loop.build is what training itself calls: the same tokenizer, batches and model, with the
+    same --attn_implementation and, on a CPU, the same speed-ups (cpu_speed.py).
+    """
+    built = train_loop.build(cfg)
+    accelerator = built.accelerator
+    optimizer = train_loop.build_optimizer(built.model, cfg)
+    model, optimizer, train_dl = accelerator.prepare(built.model, optimizer, built.train_dl)
+    return accelerator, model, optimizer, next(iter(train_dl)), describe(accelerator, model, built.speedups)
+
+
+def describe(accelerator, model, speedups):
+    """What the walk-through runs, stated before the tables: the model exactly as training builds it."""
+    bare = accelerator.unwrap_model(model)
+    lines = [f"WALK-THROUGH  {type(bare).__name__} ({bare.config.name_or_path}), "
+             f"{model_utils.count_parameters(bare):,} parameters, attention {bare.config._attn_implementation}, "
+             f"device {accelerator.device}, precision {accelerator.mixed_precision}: the model train_loop.py trains"]
+    lines += [f"  not stock: {speedup}" for speedup in speedups] or ["  not stock: nothing"]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -171,9 +175,11 @@ def fmt(value):
 def main(argv=None):
     with exit_on_usage_error():
         cfg, inspect_cfg = parse_config(argv)
-        accelerator, model, optimizer, batch = setup(cfg)
+        accelerator, model, optimizer, batch, what = setup(cfg)
         keep = study.every_module if inspect_cfg.detail == "all" else study.is_block
         rows, watch = walk_through(model, batch, optimizer, accelerator, cfg.max_grad_norm, keep)
+        accelerator.print(what)
+        accelerator.print()
         accelerator.print(forward_table(rows, batch, accelerator.mixed_precision))
         accelerator.print()
         accelerator.print(backward_table(watch, optimizer.param_groups[0]["lr"], cfg.max_grad_norm))

@@ -130,8 +130,11 @@ def check_model_dir(model_dir):
         raise UsageError(f"model folder {model_dir!r} has no .safetensors weights; only safetensors are loaded.")
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model, embeddings=True):
+    """Parameters of `model`. embeddings=False leaves out the embedding tables (every nn.Embedding):
+    the N of FLOP estimates, since a table lookup is not a matmul."""
+    tables = set() if embeddings else {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in tables)
 
 
 def label_names(model):

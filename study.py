@@ -20,7 +20,6 @@ Each tool exists only while asked for, so with the flags off training does no ex
 """
 
 import glob
-import json
 import math
 import os
 import re
@@ -206,16 +205,12 @@ def ratio(update, weight):
 
 class LayerLog:
     """layer_stats.jsonl in output_dir plus two TensorBoard chart groups, layer_grad_norm/* and
-    layer_update_ratio/*, one point per layer per logging step. Main process only writes."""
+    layer_update_ratio/*, one point per layer per logging step. `jsonl` is train_loop's JsonLines
+    for layer_stats.jsonl (the same file handling as log_history.jsonl: main process, resumable)."""
 
-    def __init__(self, accelerator, path, resumed_step=None):
+    def __init__(self, accelerator, jsonl):
         self.accelerator = accelerator
-        self.path = path
-        if accelerator.is_main_process and os.path.exists(path):
-            with open(path) as f:  # a fresh run starts empty; a resumed one drops what it will redo
-                keep = [line for line in f if resumed_step is not None and json.loads(line)["step"] <= resumed_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
+        self.jsonl = jsonl
 
     def write(self, watch, step):
         watch.measure_update()
@@ -223,9 +218,7 @@ class LayerLog:
         record = {"step": step,
                   "grad_norm": {k: v["grad_norm"] for k, v in layers.items()},
                   "update_ratio": {k: v["update_ratio"] for k, v in layers.items()}}
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.jsonl.append(record)
         scalars = {f"layer_grad_norm/{k}": v for k, v in record["grad_norm"].items()}
         scalars.update({f"layer_update_ratio/{k}": v for k, v in record["update_ratio"].items() if v is not None})
         self.accelerator.log(scalars, step=step)

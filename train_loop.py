@@ -15,7 +15,15 @@ one GPU or many, in fp32, fp16 or bf16.
     python train_loop.py config.json               # every flag can come from a JSON or YAML file
     python train_loop.py --resume_from_checkpoint latest       # continue an interrupted run
     python train_loop.py --no_group_by_length      # plain shuffled batches (grouping by length is the default)
-    python train_loop.py ... --log_layer_grad_norms --profile_steps 4   # study mode: see README_study.md
+    python train_loop.py ... --log_layer_grad_norms --profile_steps 4   # study mode: see docs/study.md
+
+On a CPU, training is not quite stock: cpu_speed.py draws dropout masks with a faster generator
+and keeps freed memory for reuse (same math, measured in BENCHMARKS.md). The banner's "not stock"
+lines say what is in effect; --fast_dropout false and --reuse_cpu_memory false turn each off.
+Stepping into `model(**batch)` in a debugger then lands in cpu_speed.attention_with_fast_dropout.
+
+The file reads top-down: config, setup (`build`, the one path inspect_model.py and the tests use
+too), progress and logging, evaluation, checkpoints, the loop (`train_one_epoch`), main.
 """
 
 import dataclasses
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, get_scheduler
 
@@ -236,6 +245,68 @@ def tokenize_data(cfg, splits, label_names, tokenizer, accelerator):
     return tokenized["train"], tokenized.get("eval")
 
 
+@dataclass
+class Setup:
+    """What training is built from: `build(cfg)` makes it for training, inspect_model.py and the tests."""
+
+    accelerator: Accelerator
+    tokenizer: object
+    model: torch.nn.Module  # not yet prepared (wrapped for the device and processes)
+    label_names: list[str]
+    train_ds: object  # tokenized datasets; eval_ds is None without an --eval_split
+    eval_ds: object
+    train_dl: DataLoader  # not yet prepared; eval_dl is None without an --eval_split
+    eval_dl: Optional[DataLoader]
+    speedups: list[str]  # what is not stock PyTorch/transformers (cpu_speed.py), each with its off switch
+
+
+def build(cfg, wrap_collator=None):
+    """cfg -> accelerator, data, tokenizer, model and loaders: the one setup path.
+
+    Data is checked before any model is downloaded. The model gets --attn_implementation and, when
+    it will train on a CPU, the CPU speed-ups, so whoever calls this sees the model training runs.
+    wrap_collator: a function of the padding collator returning the one the loaders use instead
+    (the training benchmark counts padded tokens this way).
+    """
+    accelerator = build_accelerator(cfg)
+    set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
+    splits, label_names = load_data(cfg)
+    tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
+    train_ds, eval_ds = tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
+    model = model_utils.load_model(cfg.model_name_or_path, label_names, cfg.attn_implementation)
+    require(cfg.max_length <= model.config.max_position_embeddings,
+            f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
+    speedups = []
+    if cfg.do_train and accelerator.device.type == "cpu":
+        speedups = speed_up_cpu_training(cfg, model, accelerator)
+    collator = data.build_collator(tokenizer, accelerator.mixed_precision)
+    if wrap_collator is not None:
+        collator = wrap_collator(collator)
+    train_dl, eval_dl = data.build_dataloaders(
+        train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
+        cfg.seed, cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
+    )
+    return Setup(accelerator, tokenizer, model, label_names, train_ds, eval_ds, train_dl, eval_dl, speedups)
+
+
+def speed_up_cpu_training(cfg, model, accelerator):
+    """cpu_speed.py's two CPU-only speed-ups, each measured in BENCHMARKS.md; a GPU needs neither.
+    Returns what is in effect, for the banner: nothing non-stock happens without the run saying so."""
+    speedups = []
+    if cfg.fast_dropout and cfg.torch_compile:  # numpy inside forward() would split dynamo's graph
+        accelerator.print("--fast_dropout is off under --torch_compile: torch's own dropout is used.")
+    elif cfg.fast_dropout:
+        cpu_speed.use_fast_dropout(model)
+        in_attention = model.config._attn_implementation == cpu_speed.ATTENTION_NAME
+        where = "dropout layers and attention" if in_attention else "dropout layers"
+        speedups.append(f"dropout masks from numpy's PCG64 in {where} (cpu_speed.py; off: --fast_dropout false)")
+    if cfg.reuse_cpu_memory and cpu_speed.reuse_freed_memory():
+        speedups.append("glibc keeps freed memory for reuse, process-wide (cpu_speed.py; off: --reuse_cpu_memory false)")
+    elif cfg.reuse_cpu_memory:
+        accelerator.print("--reuse_cpu_memory needs glibc's malloc (Linux); this C library keeps its own policy.")
+    return speedups
+
+
 def build_optimizer(model, cfg):
     groups = model_utils.optimizer_param_groups(model, cfg.weight_decay)
     # fused: one kernel for all parameters instead of ~10 per tensor; 6x faster on CPU (Trainer's default too)
@@ -260,34 +331,44 @@ class Progress:
     """What a checkpoint carries besides weights and RNG, so a resumed run logs what a straight one would."""
 
     global_step: int = 0  # optimizer steps done
-    window_loss: float = 0.0  # sum of step losses since the last log line (a tensor while training)
+    window_loss: float = 0.0  # sum of step losses since the last log line
     window_steps: int = 0
-    total_loss: float = 0.0  # sum of all step losses, for train_loss (a tensor while training)
+    total_loss: float = 0.0  # sum of all step losses, for train_loss
+
+
+class JsonLines:
+    """A JSON-lines file of records that each carry a "step"; only the main process writes.
+
+    A fresh run starts it empty. A resumed one first drops the records an interrupted run wrote
+    after its last checkpoint: the resumed run writes them again.
+    """
+
+    def __init__(self, accelerator, path, resumed_step=None):
+        self.path = path
+        self.writes = accelerator.is_main_process
+        if self.writes and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if resumed_step is not None and json.loads(line)["step"] <= resumed_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def append(self, record):
+        if self.writes:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 class RunLog:
-    """One record per event, three sinks: the console, a JSON-lines file, and accelerate's trackers."""
+    """One record per event, three sinks: the console, log_history.jsonl, and accelerate's trackers."""
 
-    def __init__(self, accelerator, path, resumed_step=None):
+    def __init__(self, accelerator, jsonl):
         self.accelerator = accelerator
-        self.path = path
-        if accelerator.is_main_process and resumed_step is not None:
-            self.truncate_after(resumed_step)
-
-    def truncate_after(self, step):
-        """Drop records an interrupted run wrote after its last checkpoint: the resume writes them again."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        self.jsonl = jsonl
 
     def write(self, record, step):
         if self.accelerator.is_main_process:
             tqdm.write(str(record))
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+        self.jsonl.append({"step": step, **record})
         self.accelerator.log(tracker_names(record), step=step)
 
 
@@ -437,7 +518,7 @@ def write_json(path, obj):
 
 @dataclass
 class Run:
-    """Everything the loop touches, built once in `main`."""
+    """Everything the loop touches, built once by `start_run`."""
 
     cfg: TrainConfig
     accelerator: Accelerator
@@ -446,15 +527,24 @@ class Run:
     lr_scheduler: object
     train_dl: object
     eval_dl: object
+    tokenizer: object
     num_labels: int
     steps_per_epoch: int
     total_steps: int
+    warmup_steps: int
     num_epochs: int
     log: RunLog
     progress: Progress
+    speedups: list[str] = field(default_factory=list)  # for the banner (cpu_speed.py)
+    unread_loss: Optional[torch.Tensor] = None  # step losses summed on the device since progress last read them
     last_eval: Optional[dict] = None
     layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
     profiler: Optional[study.StepProfiler] = None  # --profile_steps
+
+    @property
+    def global_batch(self):
+        """Rows per optimizer step, all processes together."""
+        return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
 
 
 def train_one_epoch(run, epoch, pbar):
@@ -471,23 +561,24 @@ def train_one_epoch(run, epoch, pbar):
             accelerator.backward(outputs.loss)  # backward: grads += d(loss / accumulation steps)/dw
             step_loss += outputs.loss.detach()
             micro_batches += 1
-            if not accelerator.sync_gradients:  # more micro-batches to accumulate before this step
-                continue
-            # --log_layer_grad_norms on a logging step: per-layer norms before clipping, weights before the step
-            watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
-            # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-            optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
-            learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
-            if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf/nan grads is skipped
-                run.lr_scheduler.step()
-            optimizer.zero_grad()
-        # The mean loss of this step, averaged over processes so every process holds the same window.
-        step_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean")
-        after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
-        step_loss, micro_batches = 0.0, 0
-        if run.progress.global_step >= run.total_steps:
-            break
+            if accelerator.sync_gradients:  # the last micro-batch of this step: update the weights
+                # --log_layer_grad_norms on a logging step: per-layer norms before clipping, weights before the step
+                watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
+                # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
+                learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
+                if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf/nan grads is skipped
+                    run.lr_scheduler.step()
+                optimizer.zero_grad()
+        if accelerator.sync_gradients:  # an optimizer step was taken: count it, then log / evaluate / save
+            run.progress.global_step += 1
+            # The mean loss of this step, averaged over processes so every process holds the same window.
+            step_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean")
+            after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
+            step_loss, micro_batches = 0.0, 0
+            if run.progress.global_step >= run.total_steps:
+                break
 
 
 def layer_stats_due(run):
@@ -497,15 +588,14 @@ def layer_stats_due(run):
 
 
 def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
-    """Book-keeping of one optimizer step: counters, and the log / eval / save that fall due on it."""
+    """Book-keeping once optimizer step `global_step` is done: the loss sums, and the log / eval /
+    save that fall due on it."""
     cfg, progress = run.cfg, run.progress
-    progress.global_step += 1
-    progress.window_loss += step_loss  # tensors: no device sync until a log line needs the number
+    run.unread_loss = step_loss if run.unread_loss is None else run.unread_loss + step_loss
     progress.window_steps += 1
-    progress.total_loss += step_loss
     pbar.update(1)
     if progress.global_step % cfg.logging_steps == 0:
-        progress.window_loss = float(progress.window_loss)
+        read_losses(run)
         record = log_record(progress, float(grad_norm), learning_rate, run.steps_per_epoch)
         run.log.write(record, progress.global_step)
         pbar.set_postfix(loss=record["loss"])
@@ -518,6 +608,17 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
         checkpoint(run)
     if run.profiler is not None:
         run.profiler.step()
+
+
+def read_losses(run):
+    """Add the step losses summed on the device to progress's plain floats. Reading a device value
+    makes the host wait for the device, so this happens only where a log line or a checkpoint needs
+    the numbers (Trainer keeps its tr_loss on the device the same way)."""
+    if run.unread_loss is not None:
+        loss = float(run.unread_loss)
+        run.progress.window_loss += loss
+        run.progress.total_loss += loss
+        run.unread_loss = None
 
 
 def end_of_epoch(run):
@@ -535,8 +636,7 @@ def run_evaluation(run):
 
 
 def checkpoint(run):
-    run.progress.window_loss = float(run.progress.window_loss)  # tensors -> plain floats for JSON
-    run.progress.total_loss = float(run.progress.total_loss)
+    read_losses(run)  # the checkpoint's training_state.json carries the sums so far
     save_checkpoint(run.accelerator, run.cfg, run.progress)
 
 
@@ -551,19 +651,19 @@ def train(run):
         if run.progress.global_step % run.steps_per_epoch == 0 or run.progress.global_step == run.total_steps:
             end_of_epoch(run)
     pbar.close()
+    read_losses(run)
     runtime = time.perf_counter() - start
     steps = run.progress.global_step - first_step
-    global_batch = run.cfg.per_device_train_batch_size * run.cfg.gradient_accumulation_steps * run.accelerator.num_processes
     return {
         "train_runtime": round(runtime, 4),
-        "train_samples_per_second": round(steps * global_batch / runtime, 3),
+        "train_samples_per_second": round(steps * run.global_batch / runtime, 3),
         "train_steps_per_second": round(steps / runtime, 3),
-        "train_loss": float(run.progress.total_loss) / run.progress.global_step,
+        "train_loss": run.progress.total_loss / run.progress.global_step,
         "epoch": round(run.progress.global_step / run.steps_per_epoch, 2),
     }
 
 
-def finish(run, summary, tokenizer):
+def finish(run, summary):
     """Train summary, final evaluation (the seed's `trainer.evaluate()`), and the model for serving."""
     cfg, accelerator = run.cfg, run.accelerator
     if run.profiler is not None:
@@ -578,7 +678,7 @@ def finish(run, summary, tokenizer):
     if cfg.plots and accelerator.is_main_process:
         written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
         accelerator.print(f"wrote {', '.join(written)}")
-    model_utils.save_for_serving(accelerator, run.model, tokenizer, cfg.final_model_dir)
+    model_utils.save_for_serving(accelerator, run.model, run.tokenizer, cfg.final_model_dir)
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final
@@ -594,25 +694,32 @@ def report_evaluation(accelerator, cfg, results, confusion_matrix, num_rows):
     return final
 
 
-def evaluate_only(cfg, accelerator, model, eval_dl, num_labels):
+def evaluate_only(cfg, setup):
     """`--do_train False`: one evaluation of the given model, e.g. --model_name_or_path ./fine-tuned-bert."""
-    model, eval_dl = accelerator.prepare(model, eval_dl)
-    results, confusion, _ = evaluate(model, eval_dl, accelerator, num_labels)
+    accelerator = setup.accelerator
+    model, eval_dl = accelerator.prepare(setup.model, setup.eval_dl)
+    results, confusion, _ = evaluate(model, eval_dl, accelerator, len(setup.label_names))
     return report_evaluation(accelerator, cfg, results, confusion, num_rows=len(eval_dl.dataset))
 
 
-def print_banner(run, num_train_rows, warmup):
+def print_banner(run, num_train_rows):
+    """The derived numbers, once, and everything that is not stock PyTorch/transformers."""
     cfg, acc = run.cfg, run.accelerator
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
-    acc.print(
-        f"***** training *****\n"
+    model = acc.unwrap_model(run.model)
+    lines = [
+        "***** training *****",
         f"  examples {num_train_rows:,} | processes {acc.num_processes} | device {acc.device} | "
-        f"precision {acc.mixed_precision}\n"
+        f"precision {acc.mixed_precision}",
         f"  batch per device {cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
-        f" x processes {acc.num_processes} = {global_batch} rows per optimizer step\n"
-        f"  steps per epoch {run.steps_per_epoch:,} | total steps {run.total_steps:,} | warm-up steps {warmup:,}"
-        + (f"\n  resuming at step {run.progress.global_step:,}" if run.progress.global_step else "")
-    )
+        f" x processes {acc.num_processes} = {run.global_batch} rows per optimizer step",
+        f"  steps per epoch {run.steps_per_epoch:,} | total steps {run.total_steps:,} | warm-up steps {run.warmup_steps:,}",
+        f"  model {type(model).__name__}, {model_utils.count_parameters(model):,} parameters, "
+        f"attention {model.config._attn_implementation}",
+    ]
+    lines += [f"  not stock: {speedup}" for speedup in run.speedups] or ["  not stock: nothing"]
+    if run.progress.global_step:
+        lines.append(f"  resuming at step {run.progress.global_step:,}")
+    acc.print("\n".join(lines))
 
 
 # -----------------------------------------------------------------------------
@@ -626,65 +733,49 @@ def main(argv=None):
 
 
 def run_training(cfg):
-    accelerator = build_accelerator(cfg)
-    set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
-    splits, label_names = load_data(cfg)
-    tokenizer = model_utils.load_tokenizer(cfg.model_name_or_path)
-    train_ds, eval_ds = tokenize_data(cfg, splits, label_names, tokenizer, accelerator)
-    model = model_utils.load_model(cfg.model_name_or_path, label_names, cfg.attn_implementation)
-    require(cfg.max_length <= model.config.max_position_embeddings,
-            f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
-    if cfg.do_train and accelerator.device.type == "cpu":
-        speed_up_cpu_training(cfg, model, accelerator)
-    collator = data.build_collator(tokenizer, accelerator.mixed_precision)
-    train_dl, eval_dl = data.build_dataloaders(
-        train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
-        cfg.seed, cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
-    )
+    """Setup, the loop, the final evaluation and the model for serving; returns the final evaluation."""
+    setup = build(cfg)
     if not cfg.do_train:
-        return evaluate_only(cfg, accelerator, model, eval_dl, len(label_names))
-    optimizer = build_optimizer(model, cfg)
+        return evaluate_only(cfg, setup)
+    run = start_run(cfg, setup)
+    print_banner(run, len(setup.train_ds))
+    summary = train(run)
+    return finish(run, summary)
+
+
+def start_run(cfg, setup):
+    """AdamW, the learning-rate schedule and everything prepared for the device and processes; the
+    checkpoint loaded when resuming; the logs. Returns the Run the loop works on."""
+    accelerator = setup.accelerator
+    optimizer = build_optimizer(setup.model, cfg)
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
+    model, optimizer, train_dl = accelerator.prepare(setup.model, optimizer, setup.train_dl)
+    eval_dl = accelerator.prepare(setup.eval_dl) if setup.eval_dl is not None else None
     steps_per_epoch, total_steps, warmup, num_epochs = schedule_lengths(cfg, len(train_dl))
     lr_scheduler = accelerator.prepare(get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     ))
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
+    resumed_step = None
     progress = Progress()
     if cfg.resume_from_checkpoint:
         progress = load_checkpoint(accelerator, cfg, cfg.resume_from_checkpoint)
+        resumed_step = progress.global_step
     accelerator.init_trackers("train_loop", config=trackable(cfg))
-    log = RunLog(accelerator, os.path.join(cfg.output_dir, "log_history.jsonl"),
-                 resumed_step=progress.global_step if cfg.resume_from_checkpoint else None)
-    if not cfg.resume_from_checkpoint and accelerator.is_main_process and os.path.exists(log.path):
-        os.remove(log.path)  # a fresh run starts a fresh history
-    run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, len(label_names),
-              steps_per_epoch, total_steps, num_epochs, log, progress)
-    attach_study_tools(run)
-    print_banner(run, len(train_ds), warmup)
-    summary = train(run)
-    return finish(run, summary, tokenizer)
+    log = RunLog(accelerator, JsonLines(accelerator, os.path.join(cfg.output_dir, "log_history.jsonl"), resumed_step))
+    run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, setup.tokenizer,
+              len(setup.label_names), steps_per_epoch, total_steps, warmup, num_epochs, log, progress, setup.speedups)
+    attach_study_tools(run, resumed_step)
+    return run
 
 
-def speed_up_cpu_training(cfg, model, accelerator):
-    """cpu_speed.py's two CPU-only speed-ups, each measured in BENCHMARKS.md; a GPU needs neither."""
-    if cfg.fast_dropout and cfg.torch_compile:  # numpy inside forward() would split dynamo's graph
-        accelerator.print("--fast_dropout is off under --torch_compile: torch's own dropout is used.")
-    elif cfg.fast_dropout:
-        cpu_speed.use_fast_dropout(model)
-    if cfg.reuse_cpu_memory and not cpu_speed.reuse_freed_memory():
-        accelerator.print("--reuse_cpu_memory needs glibc's malloc (Linux); this C library keeps its own policy.")
-
-
-def attach_study_tools(run):
+def attach_study_tools(run, resumed_step=None):
     """--log_layer_grad_norms and --profile_steps: with the flags off nothing is created and nothing runs."""
     cfg, accelerator = run.cfg, run.accelerator
     if cfg.log_layer_grad_norms:
-        resumed_step = run.progress.global_step if cfg.resume_from_checkpoint else None
-        run.layer_log = study.LayerLog(accelerator, os.path.join(cfg.output_dir, "layer_stats.jsonl"), resumed_step)
+        jsonl = JsonLines(accelerator, os.path.join(cfg.output_dir, "layer_stats.jsonl"), resumed_step)
+        run.layer_log = study.LayerLog(accelerator, jsonl)
     if cfg.profile_steps:
         run.profiler = study.StepProfiler(run.model, cfg.profile_steps, os.path.join(cfg.logging_dir, "profile"),
                                           os.path.join(cfg.output_dir, "profile_summary.txt"), accelerator)

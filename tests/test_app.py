@@ -1,4 +1,4 @@
-"""The web app's API, its batching worker and predict.py, on a tiny random BERT (fast) and on
+"""The web app's API (serve/app.py), its batching worker and serve/predict.py, on a tiny random BERT (fast) and on
 minilm-l6 with a 2-label head (real weights: equality with transformers.pipeline)."""
 
 import json
@@ -16,14 +16,15 @@ from fastapi.testclient import TestClient
 from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
                           DistilBertForSequenceClassification, pipeline)
 
-import app as app_module
-import predict as predict_module
-from app import ServeConfig, create_app, parse_config, validate_config
+import serve.app as app_module
+import serve.predict as predict_module
 from conftest import usage_error
 from model_utils import classify, count_parameters, load_for_inference
+from serve.app import ServeConfig, create_app, parse_config, validate_config
+from serve.batching import BatchWorker, InputError, Limits, Overloaded, check_texts
+from serve.classifier import Classifier, classify_by_length, split_by_length
+from serve.packed import PACKED_ATTENTION, can_pack, classify_packed, use_packed_attention
 from served_models import IMDB_TEST, MINILM, save_minilm_classifier, save_tiny_bert
-from serving import (PACKED_ATTENTION, BatchWorker, Classifier, InputError, Limits, Overloaded, can_pack, check_texts,
-                     classify_by_length, classify_packed, split_by_length)
 
 UNICODE_TEXTS = [
     "I loved it 😍🎬👍🏽 best film of the year 🏆",
@@ -381,7 +382,7 @@ def test_packed_batch_equals_padded_batch(tiny_dir):
     model, tokenizer = load_for_inference(str(tiny_dir))
     texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)] + ["\x00"]  # truncated at 64; [CLS] [SEP]
     padded = classify(model, tokenizer, texts)
-    model.set_attn_implementation(PACKED_ATTENTION)
+    assert use_packed_attention(model) and model.config._attn_implementation == PACKED_ATTENTION
     assert_close(classify(model, tokenizer, texts), padded)  # a padded batch runs as under "sdpa"
     packed = classify_packed(model, tokenizer, texts, 64)
     # Equal only if attention stays inside each text, positions restart at 0 and each [CLS] is pooled.
@@ -501,7 +502,7 @@ def test_check_texts_names_the_bad_text():
 
 
 # -----------------------------------------------------------------------------
-# command lines: app.py flags and environment, predict.py
+# command lines: python -m serve flags and environment, python -m serve.predict
 
 
 def test_app_defaults_bind_loopback():

@@ -1,4 +1,4 @@
-"""The page in a real browser: `python app.py` in a subprocess on a free loopback port, driven by
+"""The page in a real browser: `python -m serve` in a subprocess on a free loopback port, driven by
 headless Chromium (Debian's /usr/bin/chromium, through Playwright's Python client: Playwright never
 downloads a browser of its own here)."""
 
@@ -32,13 +32,13 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Base URL of `python app.py` serving minilm-l6 with a 2-label head, once /health says ready."""
+    """Base URL of `python -m serve` serving minilm-l6 with a 2-label head, once /health says ready."""
     if not MINILM.is_dir():
         pytest.skip(f"{MINILM} is missing (the shared test model)")
     model_dir = save_minilm_classifier(tmp_path_factory.mktemp("served") / "model")
     port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    process = subprocess.Popen([sys.executable, "app.py", "--model_dir", str(model_dir), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "serve", "--model_dir", str(model_dir), "--port", str(port)],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -2,15 +2,16 @@
 
 Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tuned-bert).
 
-    python app.py                                            # ./fine-tuned-bert on http://127.0.0.1:8000
-    python app.py --model_dir path/to/model --host 0.0.0.0 --port 8080
-    python app.py --help                                     # every flag, limits included
-    SERVE_MODEL_DIR=path/to/model uvicorn app:app            # the same app under uvicorn's own CLI;
+    python -m serve                                          # ./fine-tuned-bert on http://127.0.0.1:8000
+    python -m serve --model_dir path/to/model --host 0.0.0.0 --port 8080
+    python -m serve --help                                   # every flag, limits included
+    SERVE_MODEL_DIR=path/to/model uvicorn serve.app:app_from_env --factory
+                                                             # the same app under uvicorn's own CLI;
                                                              # every flag is also SERVE_<FLAG> in the environment
     curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"text": "A wonderful film."}'
 
 The model loads in the background once the server is up: GET /health answers 503 until it is
-loaded and warmed up, then 200. All model calls go through one batching worker (serving.py).
+loaded and warmed up, then 200. All model calls go through one batching worker (serve/batching.py).
 """
 
 import os
@@ -33,6 +34,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +48,8 @@ from transformers import HfArgumentParser
 
 from errors import UsageError, exit_on_usage_error
 from model_utils import check_model_dir
-from serving import Classifier, InputError, Limits, Overloaded, check_texts, to_prediction
+from serve.batching import InputError, Limits, Overloaded, check_texts
+from serve.classifier import Classifier, to_prediction
 
 log = logging.getLogger("app")
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -71,11 +74,11 @@ class ServeConfig(Limits):
 
 
 def parse_config(argv):
-    parser = HfArgumentParser(ServeConfig)
+    parser = HfArgumentParser(ServeConfig, prog="python -m serve")
     try:
         (cfg,) = parser.parse_args_into_dataclasses(argv)
     except ValueError as err:
-        raise UsageError(f"{err}. Run `python app.py --help` for every flag.") from None
+        raise UsageError(f"{err}. Run `python -m serve --help` for every flag.") from None
     return validate_config(cfg)
 
 
@@ -96,7 +99,7 @@ def validate_config(cfg):
 
 
 def config_from_env(environ=os.environ):
-    """The same flags read from SERVE_<FLAG> variables, for `uvicorn app:app`."""
+    """The same flags read from SERVE_<FLAG> variables, for `uvicorn serve.app:app_from_env --factory`."""
     argv = []
     for f in fields(ServeConfig):
         if ENV_PREFIX + f.name.upper() in environ:
@@ -139,6 +142,10 @@ class ModelState:
         except Exception as err:  # a broken folder: say so on /health and in the log, keep serving 503
             self.error = str(err) or type(err).__name__
             log.error("error: cannot load the model from %r: %s", self.cfg.model_dir, self.error)
+
+    def not_ready(self, loading="the model is still loading; retry in a few seconds."):
+        """Why there is no answer yet: the 503 message."""
+        return loading if self.error is None else f"the model failed to load: {self.error}"
 
 
 # -----------------------------------------------------------------------------
@@ -254,40 +261,51 @@ class BodyLimit:
 
 def create_app(cfg, load_classifier=Classifier):
     """The ASGI app for `cfg`. `load_classifier(model_dir, limits, device)` is injectable for tests."""
-
-    @asynccontextmanager
-    async def lifespan(app):
-        threading.Thread(target=state.load, args=(load_classifier,), name="model-loader", daemon=True).start()
-        yield
-        if state.classifier is not None:
-            await asyncio.to_thread(state.classifier.close)  # finish what is queued
-
     state = ModelState(cfg)
-    eval_path, eval_results = find_eval_results(cfg)
     app = FastAPIOffline(  # FastAPI whose /docs needs no CDN: users may be offline
         title="Sentiment analysis",
         description="Classifies movie reviews with a fine-tuned BERT. The page for people is at /.",
-        lifespan=lifespan,
+        lifespan=partial(load_in_background, state=state, load_classifier=load_classifier),
     )
     app.state.model = state
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
-    errors = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}
+    add_page(app)
+    add_predict(app, cfg, state)
+    add_health(app, state)
+    add_info(app, cfg, state)
+    return app
 
+
+@asynccontextmanager
+async def load_in_background(app, state, load_classifier):
+    """The server answers at once (503 on /health) while the model loads in a thread; at shutdown
+    the worker finishes what is queued."""
+    threading.Thread(target=state.load, args=(load_classifier,), name="model-loader", daemon=True).start()
+    yield
+    if state.classifier is not None:
+        await asyncio.to_thread(state.classifier.close)
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}  # documented in /openapi.json
+
+
+def add_page(app):
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(PAGE, media_type="text/html; charset=utf-8")
 
-    @app.post("/predict", response_model=PredictResponse, responses=errors)
+
+def add_predict(app, cfg, state):
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
     async def predict(body: PredictRequest):
         """Classify `text` or up to 32 `texts`; longer reviews are truncated to the model's maximum."""
         if (body.text is None) == (body.texts is None):
             return error(422, 'send exactly one of "text" (a string) or "texts" (a list of strings).')
         if state.classifier is None:
-            return error(503, "the model is still loading; retry in a few seconds." if state.error is None
-                         else f"the model failed to load: {state.error}")
+            return error(503, state.not_ready())
         texts = [body.text] if body.texts is None else body.texts
         try:
             check_texts(texts, cfg, name=(lambda i: "text") if body.texts is None else (lambda i: f"texts[{i}]"))
@@ -298,14 +316,18 @@ def create_app(cfg, load_classifier=Classifier):
             return error(429, f"server busy: {err}", headers={"retry-after": "1"})
         return {"predictions": [to_prediction(row, state.classifier.labels) for row in rows]}
 
+
+def add_health(app, state):
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():
         """200 once the model is loaded and warmed up; 503 while loading or if loading failed."""
         if state.classifier is not None:
             return {"status": "ok"}
-        if state.error is not None:
-            return error(503, f"the model failed to load: {state.error}")
-        return error(503, "the model is loading.")
+        return error(503, state.not_ready(loading="the model is loading."))
+
+
+def add_info(app, cfg, state):
+    eval_path, eval_results = find_eval_results(cfg)
 
     @app.get("/info")
     async def info():
@@ -318,15 +340,13 @@ def create_app(cfg, load_classifier=Classifier):
             "max_length": classifier.max_length if classifier else None,
             "num_parameters": classifier.num_parameters if classifier else None,
             "device": cfg.device,
-            "packed": classifier.packed if classifier else None,  # batches run without padding (serving.py)
+            "packed": classifier.packed if classifier else None,  # batches run without padding (serve/packed.py)
             "limits": {f.name: getattr(cfg, f.name) for f in fields(Limits)} | {"max_body_bytes": cfg.max_body_bytes},
             "batches_run": classifier.worker.batches if classifier else 0,
             "texts_classified": classifier.worker.texts_done if classifier else 0,
             "eval_results_path": eval_path,
             "eval_results": eval_results,
         }
-
-    return app
 
 
 def main(argv=None):
@@ -339,11 +359,11 @@ def main(argv=None):
 
 
 def app_from_env():
+    """The app factory for `uvicorn serve.app:app_from_env --factory`: flags from SERVE_<FLAG> variables.
+    Nothing loads until the server starts."""
     with exit_on_usage_error():
         return create_app(config_from_env())
 
 
 if __name__ == "__main__":
     main()
-else:
-    app = app_from_env()  # for `uvicorn app:app`; nothing loads until the server starts

@@ -1,10 +1,10 @@
 """Training and evaluation speed, side by side: HF Trainer as in the seed, Trainer at its best, our loop.
 
-    flock /tmp/cpu-bench.lock python bench.py                  # the comparison, ~13 min on 2 CPU cores
-    flock /tmp/cpu-bench.lock python bench.py --what knobs     # threads, SDPA vs eager, torch.compile, cpu_speed
-    flock /tmp/cpu-bench.lock python bench.py --what tokenize  # full IMDb (50k reviews): first and cached
-    flock /tmp/cpu-bench.lock python bench.py --what profile   # where a training step's time goes
-    python bench.py --train_samples 16 --eval_samples 16       # a quick smoke run
+    flock /tmp/cpu-bench.lock python -m bench.train_speed                  # the comparison (minutes)
+    flock /tmp/cpu-bench.lock python -m bench.train_speed --what knobs     # threads, SDPA vs eager, torch.compile, cpu_speed
+    flock /tmp/cpu-bench.lock python -m bench.train_speed --what tokenize  # full IMDb (50k reviews): first and cached
+    flock /tmp/cpu-bench.lock python -m bench.train_speed --what profile   # where a training step's time goes
+    python -m bench.train_speed --train_samples 16 --eval_samples 16       # a quick smoke run
 
 Every variant trains the same model on the same rows (a seeded shuffle of the train split), with
 the same batch size, sequence limit and number of steps, then evaluates the same rows:
@@ -30,6 +30,8 @@ import time
 from datetime import datetime, timezone
 
 import torch
+
+from bench.measure import matmul_peak, training_flops
 
 DEFAULTS = dict(model="../shared/models/minilm-l6", data="../shared/data/imdb", train_samples=96, eval_samples=200,
                 batch_size=8, max_length=512, threads=2, seed=42)
@@ -63,32 +65,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# what is measured: FLOPs, the matmul peak, the batches each variant really ran
-
-
-def flops_per_row(length, cfg, nonembedding_params):
-    """Training FLOPs for one row of `length` real tokens (forward + backward = 3x forward).
-
-    Matmuls with the weights: 2 FLOPs per weight per token forward -> 6 * N * T for training.
-    Attention scores QK^T and the weighted sum AV: 2 * T^2 * d each per layer forward -> 12 * L * d * T^2.
-    Embedding lookups are not matmuls and are left out (N counts no embedding weights).
-    """
-    return 6 * nonembedding_params * length + 12 * cfg.num_hidden_layers * cfg.hidden_size * length**2
-
-
-def matmul_peak(threads, size=2048, seconds=2.0, trials=3):
-    """Best fp32 GFLOP/s of a large square matmul with `threads` threads: the machine's practical peak."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = 0.0
-    for _ in range(trials):
-        a @ b  # warm-up: thread pool and caches
-        start, count = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            a @ b
-            count += 1
-        best = max(best, 2 * size**3 * count / (time.perf_counter() - start) / 1e9)
-    return best
+# what is measured besides FLOPs and the matmul peak (bench/measure.py): the batches each variant ran
 
 
 class BatchRecorder:
@@ -169,18 +146,16 @@ def run_trainer(args, best, with_cpu_speed=False):
 
 def run_ours(args, flags):
     """train_loop.py's own path (its defaults), with the collator wrapped to count tokens."""
-    import data
     import train_loop
 
     recorders = []
 
-    def recording_collator(tokenizer, mixed_precision, build=data.build_collator):
-        recorders.append(BatchRecorder(build(tokenizer, mixed_precision)))
+    def recording(collator):
+        recorders.append(BatchRecorder(collator))
         return recorders[-1]
 
-    data.build_collator = recording_collator
     out = tempfile.mkdtemp()
-    final = train_loop.main([
+    cfg = train_loop.parse_config([
         "--model_name_or_path", args.model, "--dataset_name", args.data,
         "--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.eval_samples),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", str(args.batch_size),
@@ -189,6 +164,8 @@ def run_ours(args, flags):
         "--output_dir", f"{out}/results", "--logging_dir", f"{out}/logs", "--final_model_dir", f"{out}/model",
         *flags,
     ])
+    run = train_loop.start_run(cfg, train_loop.build(cfg, wrap_collator=recording))
+    final = train_loop.finish(run, train_loop.train(run))
     with open(f"{out}/results/log_history.jsonl") as f:
         summary = next(r for r in map(json.loads, f) if "train_runtime" in r)
     return result(recorders[0], summary["train_runtime"], final["eval_runtime"], final["eval_accuracy"])
@@ -222,13 +199,13 @@ def child_main(args):
     else:
         # Other people's jobs share this machine: the peak is timed right before and after the run,
         # so each variant's MFU is measured against what the machine gave at that time.
-        peak_before = matmul_peak(args.threads, seconds=1.5, trials=2)
+        peak_before = matmul_peak(seconds=1.5, trials=2) / 1e9
         if args.variant == "ours":
             outcome = run_ours(args, json.loads(args.flags))
         else:
             outcome = run_trainer(args, best=args.variant.startswith("trainer_best"),
                                   with_cpu_speed=args.variant == "trainer_best_cpu_speed")
-        outcome["peaks"] = [peak_before, matmul_peak(args.threads, seconds=1.5, trials=2)]
+        outcome["peaks"] = [peak_before, matmul_peak(seconds=1.5, trials=2) / 1e9]
     print("BENCH_RESULT " + json.dumps(outcome), flush=True)
 
 
@@ -238,7 +215,7 @@ def child_main(args):
 
 def spawn(args, variant, threads=None, flags=(), cache_dir=None):
     """One variant in a fresh interpreter; its result dict, or {"error": ...}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--flags", json.dumps(list(flags)),
+    cmd = [sys.executable, "-m", "bench.train_speed", "--variant", variant, "--flags", json.dumps(list(flags)),
            *[f"--{k}={getattr(args, k) if k != 'threads' or threads is None else threads}" for k in DEFAULTS]]
     if cache_dir:
         cmd.append(f"--cache_dir={cache_dir}")
@@ -261,13 +238,14 @@ def train_set_flops(args):
     """(real tokens, training FLOPs) of one epoch over the training rows: the same for every variant."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    import model_utils
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     splits, _ = load_subsets(args, tokenizer)
     lengths = [len(ids) for ids in tokenizer(list(splits["train"]["text"]), truncation=True, max_length=args.max_length)["input_ids"]]
     cfg = AutoConfig.from_pretrained(args.model)
-    encoder = AutoModel.from_config(cfg)
-    nonembedding = sum(p.numel() for name, p in encoder.named_parameters() if not name.startswith("embeddings."))
-    return sum(lengths), sum(flops_per_row(t, cfg, nonembedding) for t in lengths), nonembedding
+    nonembedding = model_utils.count_parameters(AutoModel.from_config(cfg), embeddings=False)
+    return sum(lengths), sum(training_flops(t, cfg, nonembedding) for t in lengths), nonembedding
 
 
 def fastest(runs):
@@ -306,7 +284,7 @@ def markdown_table(rows):
 
 
 def header(args):
-    return (f"`{' '.join(['python', 'bench.py', *sys.argv[1:]])}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    return (f"`{' '.join(['python', '-m', 'bench.train_speed', *sys.argv[1:]])}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"{platform.processor() or platform.machine()} {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{args.threads} threads; model {args.model}, {args.train_samples} train / {args.eval_samples} eval rows, "
             f"batch {args.batch_size}, max_length {args.max_length}, fp32, 1 epoch, best of {args.repeats} runs")
@@ -422,10 +400,10 @@ def profile(args, steps=4):
     families = {name: sum(self_time.get(op, 0.0) for op in ops) for name, ops in OP_FAMILIES.items()}
     families["everything else (elementwise, LayerNorm, GELU, copies, ...)"] = total - sum(families.values())
     cfg = model.config
-    nonembedding = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
-    padded_flops = sum(len(b) * flops_per_row(int(lengths[b].max()), cfg, nonembedding) for b in batches[1:])
-    real_flops = sum(flops_per_row(int(lengths[i]), cfg, nonembedding) for b in batches[1:] for i in b)
-    peak = matmul_peak(args.threads)
+    nonembedding = model_utils.count_parameters(model, embeddings=False)
+    padded_flops = sum(len(b) * training_flops(int(lengths[b].max()), cfg, nonembedding) for b in batches[1:])
+    real_flops = sum(training_flops(int(lengths[i]), cfg, nonembedding) for b in batches[1:] for i in b)
+    peak = matmul_peak() / 1e9  # GFLOP/s
     print(f"\n{header(args)}\nprofile of {steps} training steps of our loop (batches {[len(b) for b in batches[1:]]} rows, "
           f"{[int(lengths[b].max()) for b in batches[1:]]} tokens): {wall:.1f} s, {wall / steps:.2f} s per step; "
           f"matmul peak {peak:.1f} GFLOP/s\n\n| operators | share of CPU time | seconds per step |\n|---|---|---|")
@@ -440,7 +418,7 @@ def profile(args, steps=4):
 
 if __name__ == "__main__":
     arguments = parse_args()
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # ../shared/... is relative to the repository root
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: ../shared/... is relative to it
     if arguments.variant:
         child_main(arguments)
     else:

@@ -1,13 +1,13 @@
 """GPU check of train_loop.py: a bert-base-sized BERT (random weights) on IMDb-shaped synthetic reviews.
 
-Driven by scripts/gpu_check.sh; nothing here needs network. Three commands:
+Driven by bench/gpu_check.sh; nothing here needs network. Three commands:
 
-    python scripts/gpu_check.py make --out DIR          # random bert-base + WordPiece vocab, 25k/1k reviews
-    accelerate launch --mixed_precision bf16 scripts/gpu_check.py run --out DIR --precision bf16 --steps 300
-    python scripts/gpu_check.py report --out DIR        # the table, and a non-zero exit if a check failed
+    python bench/gpu_check.py make --out DIR          # random bert-base + WordPiece vocab, 25k/1k reviews
+    accelerate launch --mixed_precision bf16 bench/gpu_check.py run --out DIR --precision bf16 --steps 300
+    python bench/gpu_check.py report --out DIR        # the table, and a non-zero exit if a check failed
 
 `run` trains through train_loop.main (the same code path as a real run), then records samples/s,
-real tokens/s, MFU against a bf16 matmul peak timed in the same process, peak GPU memory, whether
+real tokens/s, MFU against a matmul peak in the run's precision timed in the same process, peak GPU memory, whether
 every logged loss is finite, and under fp16 how the grad scaler behaved.
 """
 
@@ -22,6 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from bench.measure import matmul_peak, training_flops  # noqa: E402 (needs the root on sys.path)
 
 WORDS = 30_000  # vocabulary of synthetic words, bert-base-uncased's size
 
@@ -55,40 +57,22 @@ def make(out, smoke=False):
         pd.DataFrame(reviews).to_csv(f"{out}/{split}.csv", index=False)
 
 
-def bf16_matmul_peak(size=8192, seconds=2.0):
-    """Best bf16 TFLOP/s of a large square matmul on this GPU: the practical peak MFU is measured against."""
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ b
-        count += 10
-        torch.cuda.synchronize()
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+PEAK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def run(args):
+    """Train through train_loop's own functions (the path a real run takes), keep the Run, report."""
     import data
+    import model_utils
     import train_loop
 
-    peak = bf16_matmul_peak() if torch.cuda.is_available() else float("nan")  # nan: a CPU smoke run
-    captured = {}
-    real_finish = train_loop.finish
-
-    def finish(run_, summary, tokenizer):  # keep the Run: the scaler, the step counts and the data live there
-        captured["run"] = run_
-        return real_finish(run_, summary, tokenizer)
-
-    train_loop.finish = finish
+    # MFU against a matmul peak in the run's own precision, timed in this process (nan: a CPU smoke run).
+    peak = matmul_peak("cuda", PEAK_DTYPES[args.precision], size=8192, trials=1) if torch.cuda.is_available() else math.nan
     steps = ["--num_train_epochs", "1"] if args.full_epoch else ["--max_steps", str(args.steps)]
     out = f"{args.out}/run-{args.precision}{'-epoch' if args.full_epoch else ''}"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    final = train_loop.main([
+    cfg = train_loop.parse_config([
         "--model_name_or_path", f"{args.out}/bert-base",
         "--dataset_name", f"train={args.out}/train.csv,test={args.out}/test.csv",
         "--per_device_train_batch_size", str(args.batch), "--per_device_eval_batch_size", "128",
@@ -97,7 +81,8 @@ def run(args):
         "--dataloader_num_workers", "4", "--output_dir", f"{out}/results", "--logging_dir", f"{out}/logs",
         "--final_model_dir", f"{out}/model",
     ])
-    run_ = captured["run"]
+    run_ = train_loop.start_run(cfg, train_loop.build(cfg))  # the Run keeps the scaler, step counts and data
+    final = train_loop.finish(run_, train_loop.train(run_))
     if not run_.accelerator.is_main_process:
         return
     with open(f"{out}/results/log_history.jsonl") as f:
@@ -110,16 +95,16 @@ def run(args):
     epoch = data.length_grouped_batches(lengths, args.batch, 1, torch.Generator().manual_seed(0))
     padded = sum(len(b) * lengths[b].max().item() for b in epoch)
     model = run_.accelerator.unwrap_model(run_.model)
-    nonembedding = sum(p.numel() for n, p in model.named_parameters() if ".embeddings." not in n)
-    mean_flops = (6 * nonembedding * lengths + 12 * model.config.num_hidden_layers * model.config.hidden_size
-                  * lengths**2).mean().item()  # bench.flops_per_row, averaged over the rows
+    nonembedding = model_utils.count_parameters(model, embeddings=False)
+    mean_flops = training_flops(lengths, model.config, nonembedding).mean().item()
     rate = summary["train_samples_per_second"]
     scheduler_steps = run_.lr_scheduler.scheduler.last_epoch
     report = {
         "precision": args.precision, "steps": run_.progress.global_step, "batch": args.batch,
         "samples/s": rate, "real tokens/s": rate * lengths.mean().item(),
-        "padded share": 1 - lengths.sum().item() / padded, "MFU vs bf16 peak": rate * mean_flops / (peak * 1e12),
-        "bf16 peak TFLOP/s": peak, "peak GPU GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "padded share": 1 - lengths.sum().item() / padded, "MFU": rate * mean_flops / peak,
+        "matmul peak TFLOP/s": peak / 1e12,
+        "peak GPU GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
         "25k-review epoch s (est.)": 25_000 / rate,
         "first/last loss": [losses[0], losses[-1]], "eval accuracy": final["eval_accuracy"],
         "losses finite": all(math.isfinite(x) for x in losses),
@@ -148,7 +133,7 @@ def checks(r):
 def report(out):
     with open(f"{out}/report.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    columns = ["samples/s", "real tokens/s", "padded share", "MFU vs bf16 peak", "peak GPU GiB",
+    columns = ["samples/s", "real tokens/s", "padded share", "MFU", "matmul peak TFLOP/s", "peak GPU GiB",
                "25k-review epoch s (est.)", "skipped steps", "fp16 scale", "first/last loss"]
     print("| run | " + " | ".join(columns) + " | checks |\n" + "|---" * (len(columns) + 2) + "|")
     failures = 0
@@ -159,7 +144,7 @@ def report(out):
         cells = [f"{r[c]:.1%}" if "share" in c or "MFU" in c else f"{r[c]:,.1f}" if isinstance(r[c], float) else str(r[c])
                  for c in columns]
         print(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(failed) or 'ok'} |")
-    print(f"bf16 matmul peak: {rows[0]['bf16 peak TFLOP/s']:.0f} TFLOP/s")
+    print("MFU: model FLOPs per second over the matmul peak timed in the run's own precision and process")
     sys.exit(1 if failures else 0)
 
 

@@ -1,9 +1,9 @@
 """Classify reviews from the command line, through the same batching worker as the web app.
 
-    python predict.py "A wonderful film." "Dull and far too long."
-    python predict.py --file reviews.txt                      # one review per line
-    cat reviews.txt | python predict.py --file -              # from standard input
-    python predict.py --model_dir path/to/model "Great!"      # default: ./fine-tuned-bert
+    python -m serve.predict "A wonderful film." "Dull and far too long."
+    python -m serve.predict --file reviews.txt                # one review per line
+    cat reviews.txt | python -m serve.predict --file -        # from standard input
+    python -m serve.predict --model_dir path/to/model "Great!"  # default: ./fine-tuned-bert
 
 Prints one JSON object per review, in input order:
     {"label": "pos", "score": 0.97, "scores": {"neg": 0.03, "pos": 0.97}}
@@ -17,7 +17,8 @@ from collections import deque
 
 from errors import UsageError, exit_on_usage_error
 from model_utils import check_model_dir
-from serving import Classifier, InputError, Limits, check_text, to_prediction
+from serve.batching import InputError, Limits, check_text
+from serve.classifier import Classifier, to_prediction
 
 IN_FLIGHT = 4  # chunks queued ahead of the one being printed: keeps the worker busy, memory bounded
 

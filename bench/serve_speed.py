@@ -1,7 +1,7 @@
 """Serving benchmark: our batching app vs a baseline server that calls pipeline() once per request.
 
-    python bench_serve.py                          # minilm-l6 + a 2-label head, 400 requests at concurrency 1 and 16
-    python bench_serve.py --model_dir ./fine-tuned-bert --requests 1000 --concurrency 1 4 16 32
+    python -m bench.serve_speed                    # minilm-l6 + a 2-label head, 400 requests at concurrency 1 and 16
+    python -m bench.serve_speed --model_dir ./fine-tuned-bert --requests 1000 --concurrency 1 4 16 32
 
 Each server runs in its own process under the same uvicorn settings (one worker, no access log);
 they take turns, in --rounds alternating rounds, so that load from other jobs on a shared machine
@@ -30,7 +30,7 @@ import aiohttp
 import httpx
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: servers run from there
 SHARED = ROOT / ".." / "shared"
 IMDB_TEST = SHARED / "data" / "imdb" / "plain_text" / "test-00000-of-00001.parquet"
 
@@ -40,12 +40,12 @@ IMDB_TEST = SHARED / "data" / "imdb" / "plain_text" / "test-00000-of-00001.parqu
 
 
 def create_baseline_app():
-    """uvicorn bench_serve:create_baseline_app --factory, with BENCH_MODEL_DIR set."""
+    """uvicorn bench.serve_speed:create_baseline_app --factory, with BENCH_MODEL_DIR set."""
     from fastapi import FastAPI
     from transformers import pipeline
 
     pipe = pipeline("text-classification", model=os.environ["BENCH_MODEL_DIR"], top_k=None, truncation=True)
-    lock = threading.Lock()  # one pipeline call at a time: see README_serving.md on why not threads
+    lock = threading.Lock()  # one pipeline call at a time: see docs/serving.md on why not threads
     app = FastAPI()
 
     @app.get("/health")
@@ -82,7 +82,7 @@ def short_reviews(model_dir, max_tokens, n, seed=0):
 
 def start_server(app_env, model_dir, port):
     """The app with `app_env` added to its environment, or the baseline when `app_env` is None."""
-    target = ["bench_serve:create_baseline_app", "--factory"] if app_env is None else ["app:app"]
+    target = ["bench.serve_speed:create_baseline_app" if app_env is None else "serve.app:app_from_env", "--factory"]
     env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir), **(app_env or {})}
     cmd = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port),
            "--no-access-log", "--log-level", "warning"]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU check of train_loop.py: bert-base-sized (random weights, no network needed), a few hundred
 # steps each in fp32, fp16 and bf16 through `accelerate launch`, then one full 25k-review epoch
-# in bf16 (goal on one H100: under 30 s). Prints samples/s, tokens/s, MFU against a bf16 matmul
-# peak timed in the same run, peak GPU memory, and fails if a loss is not finite or the fp16
+# in bf16 (goal on one H100: under 30 s). Prints samples/s, tokens/s, MFU against a matmul peak
+# in the run's precision timed in the same run, peak GPU memory, and fails if a loss is not finite or the fp16
 # grad scaler misbehaves.
 #
-#   bash scripts/gpu_check.sh                      # STEPS=300 BATCH=32 FULL_EPOCH=1 by default
-#   STEPS=100 FULL_EPOCH=0 bash scripts/gpu_check.sh
-#   SMOKE=1 bash scripts/gpu_check.sh              # tiny model on CPU: checks the script itself
+#   bash bench/gpu_check.sh                      # STEPS=300 BATCH=32 FULL_EPOCH=1 by default
+#   STEPS=100 FULL_EPOCH=0 bash bench/gpu_check.sh
+#   SMOKE=1 bash bench/gpu_check.sh              # tiny model on CPU: checks the script itself
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}
@@ -17,12 +17,12 @@ WORK=${WORK:-$(mktemp -d /tmp/gpu-check.XXXX)}
 export TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 
 if [ "${SMOKE:-0}" = 1 ]; then
-    python scripts/gpu_check.py make --out "$WORK" --smoke
+    python bench/gpu_check.py make --out "$WORK" --smoke
     LAUNCH=(accelerate launch --cpu --num_processes 1 --num_machines 1 --dynamo_backend no)
     PRECISIONS=(no)
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python scripts/gpu_check.py make --out "$WORK"
+    python bench/gpu_check.py make --out "$WORK"
     LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no)
     PRECISIONS=(no fp16 bf16)
 fi
@@ -30,13 +30,13 @@ fi
 for precision in "${PRECISIONS[@]}"; do
     name=${precision/no/fp32}
     echo "== $name: $STEPS steps, batch $BATCH"
-    "${LAUNCH[@]}" --mixed_precision "$precision" scripts/gpu_check.py run --out "$WORK" \
+    "${LAUNCH[@]}" --mixed_precision "$precision" bench/gpu_check.py run --out "$WORK" \
         --precision "$name" --steps "$STEPS" --batch "$BATCH" > "$WORK/$name.log" 2>&1 \
         || { tail -30 "$WORK/$name.log"; exit 1; }
 done
 if [ "$FULL_EPOCH" = 1 ] && [ "${SMOKE:-0}" != 1 ]; then
     echo "== bf16: one full epoch of 25,000 reviews"
-    "${LAUNCH[@]}" --mixed_precision bf16 scripts/gpu_check.py run --out "$WORK" --precision bf16 \
+    "${LAUNCH[@]}" --mixed_precision bf16 bench/gpu_check.py run --out "$WORK" --precision bf16 \
         --batch "$BATCH" --full_epoch > "$WORK/bf16-epoch.log" 2>&1 || { tail -30 "$WORK/bf16-epoch.log"; exit 1; }
 fi
-python scripts/gpu_check.py report --out "$WORK"
+python bench/gpu_check.py report --out "$WORK"
