@@ -299,7 +299,7 @@ def main():
         model_dir = args.model_dir
         if model_dir is None:
             sys.path.insert(0, str(ROOT / "tests"))
-            from served_models import save_minilm_classifier
+            from models import save_minilm_classifier
 
             model_dir = save_minilm_classifier(Path(tmp) / "minilm-l6-2labels")
         texts, lengths = short_reviews(model_dir, args.max_tokens, args.requests)

@@ -108,4 +108,11 @@ class Classifier:
         return [to_prediction(row, self.labels) for row in self.submit(texts).result()]
 
     def close(self):
+        """Finish what is queued, then stop the worker."""
         self.worker.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

@@ -86,10 +86,8 @@ def main(argv=None):
         check_all(texts, name, limits)
         check_model_dir(args.model_dir)
         classifier = Classifier(args.model_dir, limits, args.device)
-    try:
+    with classifier:  # the worker finishes and stops, also if printing fails
         predict_all(classifier, texts, limits.max_inputs)
-    finally:
-        classifier.close()
 
 
 if __name__ == "__main__":

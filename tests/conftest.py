@@ -1,36 +1,17 @@
 """Fixtures: a tiny random BERT with its own small vocabulary, and tiny sentiment data on disk.
 
-Everything is built here, offline, in seconds; the real-weights test uses ../shared instead.
+Everything is built offline, in seconds (the builders and the ../shared paths are in models.py);
+the real-weights tests use ../shared instead.
 """
 
 import random
-from pathlib import Path
+import socket
 
 import pandas as pd
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-POSITIVE = ["good", "great", "wonderful", "loved", "brilliant", "superb", "fun", "moving"]
-NEGATIVE = ["bad", "awful", "boring", "hated", "terrible", "dull", "weak", "mess"]
-NEUTRAL = ["the", "movie", "film", "was", "a", "plot", "actors", "and", "it", "story", "really", "quite"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_tiny_bert(path, max_position_embeddings=64, seed=0):
-    """A 2-layer, hidden-32 BERT encoder (no classification head, like a pretrained checkpoint)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL)}
-    BertTokenizer(vocab=vocab, model_max_length=max_position_embeddings).save_pretrained(path)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + NEUTRAL), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=max_position_embeddings,
-    )
-    BertModel(config).save_pretrained(path)
-    return str(path)
+from models import NEGATIVE, NEUTRAL, POSITIVE, save_tiny_bert
 
 
 def make_reviews(n, seed):
@@ -48,7 +29,8 @@ def make_reviews(n, seed):
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    """A bare 2-layer encoder, like a pretrained checkpoint: training gives it a fresh head."""
+    return str(save_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +76,13 @@ def fresh_accelerate_state():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+def free_port():
+    """A TCP port on loopback that nothing listens on now, for a server the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def usage_error(main, argv, capsys):

@@ -3,28 +3,32 @@ minilm-l6 with a 2-label head (real weights: equality with transformers.pipeline
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+from transformers import (BertForSequenceClassification, DistilBertConfig,
                           DistilBertForSequenceClassification, pipeline)
 
 import serve.app as app_module
 import serve.predict as predict_module
-from conftest import usage_error
+from conftest import free_port, usage_error
 from model_utils import classify, count_parameters, load_for_inference
+from models import IMDB_TEST, MINILM, ROOT, save_minilm_classifier, save_served_tiny_bert, tiny_bert_config
 from serve.app import ServeConfig, create_app, parse_config, validate_config
 from serve.batching import BatchWorker, InputError, Limits, Overloaded, check_texts
 from serve.classifier import Classifier, classify_by_length, split_by_length
 from serve.packed import PACKED_ATTENTION, can_pack, classify_packed, use_packed_attention
-from served_models import IMDB_TEST, MINILM, save_minilm_classifier, save_tiny_bert
 
 UNICODE_TEXTS = [
     "I loved it 😍🎬👍🏽 best film of the year 🏆",
@@ -42,7 +46,7 @@ UNICODE_TEXTS = [
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=64)
+    return save_served_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=64)
 
 
 @pytest.fixture(scope="session")
@@ -394,17 +398,13 @@ def test_packed_batch_equals_padded_batch(tiny_dir):
 def test_classifier_packs_bert_batches_on_a_cpu_unless_told_not_to(tiny_dir):
     texts = ["great film " * n for n in (9, 1, 30, 4)]
     for packed in (True, False):
-        classifier = Classifier(str(tiny_dir), Limits(packed=packed), "cpu")
-        try:
+        with Classifier(str(tiny_dir), Limits(packed=packed), "cpu") as classifier:
             assert classifier.packed is packed
             assert_close(probs(classifier.predict(texts)), single_row_probs(tiny_dir, texts))
-        finally:
-            classifier.close()
 
     config = DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
     assert not can_pack(DistilBertForSequenceClassification(config))  # another layout: padded batches
-    decoder = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=64, is_decoder=True)
+    decoder = tiny_bert_config(vocab_size=100, num_hidden_layers=1, is_decoder=True)
     assert not can_pack(BertForSequenceClassification(decoder))  # causal attention: padded batches
 
 
@@ -413,12 +413,9 @@ def test_classifier_falls_back_to_padded_batches_when_attention_cannot_be_switch
     # to decide): packing without packed attention would let texts attend to each other.
     monkeypatch.setattr(BertForSequenceClassification, "_can_set_attn_implementation_cached_value", False)
     texts = ["great film " * n for n in (9, 1, 30, 4)]
-    classifier = Classifier(str(tiny_dir), Limits(), "cpu")
-    try:
+    with Classifier(str(tiny_dir), Limits(), "cpu") as classifier:
         assert classifier.packed is False
         assert_close(probs(classifier.predict(texts)), single_row_probs(tiny_dir, texts))
-    finally:
-        classifier.close()
 
 
 class GatedModel:
@@ -558,3 +555,35 @@ def test_predict_cli_names_the_blank_line(tmp_path, capsys):
     reviews = tmp_path / "reviews.txt"
     reviews.write_text("good\n\nbad\n")
     assert f"line 2 of {reviews} is empty" in usage_error(predict_module.main, ["--file", str(reviews)], capsys)
+
+
+def test_documented_commands_serve_and_predict_alike(tiny_dir):
+    """`uvicorn serve.app:app_from_env --factory` with SERVE_MODEL_DIR, and `python -m serve.predict`,
+    exactly as the docs write them, in processes of their own: the same answer for the same text."""
+    port = free_port()
+    env = {**os.environ, "SERVE_MODEL_DIR": str(tiny_dir)}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve.app:app_from_env", "--factory",
+                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not healthy(f"http://127.0.0.1:{port}/health"):
+            assert time.monotonic() < deadline and server.poll() is None, "the server did not get ready"
+            time.sleep(0.2)
+        served = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": "great film"}).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    printed = subprocess.run([sys.executable, "-m", "serve.predict", "--model_dir", str(tiny_dir), "great film"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    line = json.loads(printed.stdout)
+    assert line["label"] == served["predictions"][0]["label"]
+    assert line["scores"] == pytest.approx(served["predictions"][0]["scores"], abs=1e-6)
+
+
+def healthy(url):
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

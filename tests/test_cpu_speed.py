@@ -2,15 +2,18 @@
 evaluation, and train_loop.py switches it with --fast_dropout."""
 
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import cpu_speed
 import train_loop
 from conftest import read_records, reset_accelerate, train_args
+from models import ROOT, tiny_bert_config
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -49,8 +52,7 @@ def test_masks_near_p_one_still_keep_a_few():
 
 
 def tiny_classifier(dropout=0.1):
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = tiny_bert_config(vocab_size=100, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(0)
     return BertForSequenceClassification(config)
 
@@ -118,3 +120,38 @@ def test_train_loop_flag_switches_the_dropout_path(tiny_bert, csv_data, tmp_path
     assert len(fast) == len(stock) == 3
     assert fast == fast_again and stock == stock_again  # each path is deterministic under the seed ...
     assert fast[0] != stock[0]  # ... and the flag really changes which masks are drawn
+
+
+def banner_lines(capsys, tiny_bert, csv_data, out, *flags):
+    """The run banner's model and "not stock" lines, from a one-step run."""
+    reset_accelerate()
+    train_loop.main(train_args(tiny_bert, csv_data, out, "--max_steps", "1", "--eval_strategy", "no",
+                               "--save_strategy", "no", "--plots", "false", *flags))
+    banner = capsys.readouterr().out.split("***** training *****")[1]
+    return [line.strip() for line in banner.splitlines() if line.startswith(("  model", "  not stock"))]
+
+
+def test_banner_names_each_cpu_speed_up_with_the_flag_that_turns_it_off(tiny_bert, csv_data, tmp_path, capsys):
+    model, dropout, memory = banner_lines(capsys, tiny_bert, csv_data, tmp_path / "default")
+    assert model.endswith("attention sdpa_fast_dropout")  # where a debugger steps into model(**batch)
+    assert dropout == ("not stock: dropout masks from numpy's PCG64 in dropout layers and attention "
+                       "(cpu_speed.py; off: --fast_dropout false)")
+    assert memory.startswith("not stock: glibc keeps freed memory") and memory.endswith("off: --reuse_cpu_memory false)")
+    eager = banner_lines(capsys, tiny_bert, csv_data, tmp_path / "eager", "--attn_implementation", "eager")
+    assert eager[0].endswith("attention eager") and "in dropout layers (cpu_speed.py" in eager[1]
+    stock = banner_lines(capsys, tiny_bert, csv_data, tmp_path / "stock", "--fast_dropout", "false",
+                         "--reuse_cpu_memory", "false")
+    assert stock[0].endswith("attention sdpa") and stock[1:] == ["not stock: nothing"]
+
+
+def test_importing_switches_nothing_on():
+    """Attention functions are registered with transformers when a speed-up is switched on, not at import."""
+    code = ("import cpu_speed, train_loop, inspect_model, serve.app, serve.packed; "
+            "from transformers import AttentionInterface, AttentionMaskInterface; "
+            "print(sorted({'sdpa_fast_dropout', 'packed_sdpa'} & "
+            "(set(AttentionInterface._global_mapping) | set(AttentionMaskInterface._global_mapping))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    model = cpu_speed.use_fast_dropout(tiny_classifier())
+    assert model.config._attn_implementation == cpu_speed.ATTENTION_NAME  # switched on: registered and routed

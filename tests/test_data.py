@@ -10,6 +10,7 @@ import data
 import train_loop
 from conftest import make_reviews, train_args, usage_error
 from errors import UsageError, require_local_or_reachable
+from models import IMDB
 
 
 def write_csvs(folder, train, test=None):
@@ -39,7 +40,7 @@ def test_label_names_from_strings_ints_and_classlabel(tmp_path, csv_data):
 
 
 def test_imdb_classlabel_names():
-    splits = data.load_splits("../shared/data/imdb", "train[:2%]+train[-2%:]", "test[:1%]")
+    splits = data.load_splits(str(IMDB), "train[:2%]+train[-2%:]", "test[:1%]")
     assert data.validate(splits, "text", "label") == ["neg", "pos"]
 
 
@@ -94,7 +95,7 @@ def test_bad_data_through_the_cli_exits_2(tiny_bert, tmp_path, capsys):
 
 def test_subset_is_random_not_the_first_rows():
     """IMDb is sorted negatives first: a seeded shuffle keeps both classes in a small subset."""
-    splits = data.load_splits("../shared/data/imdb", "train", None)
+    splits = data.load_splits(str(IMDB), "train", None)
     subset = data.take_subset(splits["train"], 100, seed=42)
     labels = subset["label"]
     assert len(labels) == 100 and 30 < sum(labels) < 70

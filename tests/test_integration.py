@@ -6,15 +6,14 @@ import pytest
 from transformers import pipeline
 
 import train_loop
-from conftest import SHARED, read_records
+from conftest import read_records
+from models import IMDB, MINILM
 
-MODEL, IMDB = SHARED / "models" / "minilm-l6", SHARED / "data" / "imdb"
 
-
-@pytest.mark.skipif(not MODEL.exists(), reason="needs ../shared/models/minilm-l6")
+@pytest.mark.skipif(not MINILM.exists(), reason="needs ../shared/models/minilm-l6")
 def test_minilm_learns_imdb_sentiment(tmp_path):
     final = train_loop.main([
-        "--model_name_or_path", str(MODEL), "--dataset_name", str(IMDB),
+        "--model_name_or_path", str(MINILM), "--dataset_name", str(IMDB),
         "--max_train_samples", "1024", "--max_eval_samples", "500", "--max_length", "128",
         "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--learning_rate", "1e-4",
         "--num_train_epochs", "1", "--logging_steps", "16", "--save_strategy", "no", "--report_to", "none",

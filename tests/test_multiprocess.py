@@ -7,7 +7,6 @@ ACCELERATE_USE_CPU=1 starts two that talk over gloo, which is what we want here.
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -16,15 +15,8 @@ from pathlib import Path
 import pytest
 
 import train_loop
-from conftest import read_records, train_args
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, read_records, train_args
+from models import ROOT
 
 
 def launch_two(script, *args):

@@ -7,7 +7,6 @@ evaluation may run in any order but must report in dataset order.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
@@ -21,8 +20,8 @@ import model_utils
 import train_loop
 from conftest import (assert_same_weights, crash_then_resume, read_records, reset_accelerate, train_args,
                       usage_error, without_timings)
+from models import ROOT
 
-TESTS = Path(__file__).resolve().parent
 
 
 def review_lengths(n, seed=0):
@@ -227,7 +226,7 @@ def evaluate_on_each_process(tiny_bert, csv_data, out):
 def test_two_process_evaluation_reports_each_row_once_in_dataset_order(tiny_bert, csv_data, tmp_path):
     # debug_launcher forks: from a fresh interpreter, since forking this one after torch has started
     # its OpenMP threads can deadlock the children.
-    launch = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]; from accelerate import debug_launcher; "
+    launch = (f"import sys; sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]; from accelerate import debug_launcher; "
               f"from test_speed import evaluate_on_each_process as f; "
               f"debug_launcher(f, args=({tiny_bert!r}, {csv_data!r}, {str(tmp_path / 'two.pt')!r}), num_processes=2)")
     done = subprocess.run([sys.executable, "-c", launch], timeout=300, capture_output=True, text=True)

@@ -18,9 +18,9 @@ import model_utils
 import plots
 import study
 import train_loop
-from conftest import SHARED, make_reviews, train_args
+from conftest import make_reviews, reset_accelerate, train_args
+from models import MINILM, ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["the movie was great and moving", "awful boring plot", "a film", "it was really quite bad and dull"]
 
 
@@ -144,7 +144,7 @@ def test_cli_shows_bf16_autocast_dtypes(tiny_bert, csv_data):
     out = subprocess.run(
         [sys.executable, "inspect_model.py", "--model_name_or_path", tiny_bert, "--dataset_name", csv_data,
          "--max_length", "32", "--per_device_train_batch_size", "4", "--mixed_precision", "bf16"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
     forward = out.stdout.split("BACKWARD")[0].splitlines()
@@ -153,6 +153,26 @@ def test_cli_shows_bf16_autocast_dtypes(tiny_bert, csv_data):
     assert dtype["classifier"] == "bfloat16"
     assert dtype["bert.encoder.layer.0.attention"] == "float32"  # ends in LayerNorm, which autocast keeps fp32
     assert "<== largest tensor" in out.stdout and "<== largest layer" in out.stdout
+
+
+def test_walk_through_builds_the_model_that_trains(tiny_bert, csv_data):
+    """inspect_model.py goes through train_loop.build: --attn_implementation and the CPU speed-ups
+    apply as in training (the flag used to be ignored), and the walk-through says what it runs."""
+    def built(*flags):
+        reset_accelerate()
+        cfg, _ = inspect_model.parse_config(["--model_name_or_path", tiny_bert, "--dataset_name", csv_data,
+                                             "--max_length", "32", *flags])
+        accelerator, model, _, batch, what = inspect_model.setup(cfg)
+        bare = accelerator.unwrap_model(model)
+        dropouts = {type(m).__name__ for m in bare.modules() if isinstance(m, torch.nn.Dropout)}
+        return bare.config._attn_implementation, dropouts, what
+
+    attention, dropouts, what = built()
+    assert (attention, dropouts) == ("sdpa_fast_dropout", {"FastDropout"})
+    assert "attention sdpa_fast_dropout" in what and "not stock: dropout masks from numpy's PCG64" in what
+    assert built("--attn_implementation", "eager")[:2] == ("eager", {"FastDropout"})
+    attention, dropouts, what = built("--fast_dropout", "false", "--reuse_cpu_memory", "false")
+    assert (attention, dropouts) == ("sdpa", {"Dropout"}) and what.endswith("not stock: nothing")
 
 
 # -----------------------------------------------------------------------------
@@ -267,13 +287,13 @@ def test_plots_from_records(tmp_path):
 # the real model
 
 
-@pytest.mark.skipif(not (SHARED / "models/minilm-l6").exists(), reason="needs ../shared/models/minilm-l6")
+@pytest.mark.skipif(not MINILM.exists(), reason="needs ../shared/models/minilm-l6")
 def test_walk_through_on_minilm(tmp_path):
     """Real weights, real IMDb-like reviews: six layers, hidden 384, FFN 1536, all finite."""
     folder = tmp_path / "reviews"
     folder.mkdir()
     make_reviews(16, seed=5).to_csv(folder / "train.csv", index=False)
-    rows, watch = inspect_model.main(["--model_name_or_path", str(SHARED / "models/minilm-l6"),
+    rows, watch = inspect_model.main(["--model_name_or_path", str(MINILM),
                                       "--dataset_name", str(folder), "--max_length", "16",
                                       "--per_device_train_batch_size", "4"])
     paths = {r.path: r.shape for r in rows}
