@@ -33,6 +33,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: servers run from there
 SHARED = ROOT / ".." / "shared"
 IMDB_TEST = SHARED / "data" / "imdb" / "plain_text" / "test-00000-of-00001.parquet"
+PROG = "python -m bench.serve_speed"
 
 
 # -----------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def print_summary(rows):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", help="a save_pretrained folder; default: minilm-l6 + a seeded 2-label head")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])

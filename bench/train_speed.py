@@ -33,6 +33,7 @@ import torch
 
 from bench.measure import matmul_peak, training_flops
 
+PROG = "python -m bench.train_speed"
 DEFAULTS = dict(model="../shared/models/minilm-l6", data="../shared/data/imdb", train_samples=96, eval_samples=200,
                 batch_size=8, max_length=512, threads=2, seed=42)
 VARIANTS = {"trainer_seed": "(a) Trainer, seed", "trainer_best": "(b) Trainer, best",
@@ -49,7 +50,7 @@ KNOBS = {  # name: (threads, extra train_loop flags)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in DEFAULTS.items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
     parser.add_argument("--repeats", type=int, default=2,

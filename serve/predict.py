@@ -24,7 +24,8 @@ IN_FLIGHT = 4  # chunks queued ahead of the one being printed: keeps the worker 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m serve.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("texts", nargs="*", help="reviews to classify")
     parser.add_argument("--file", help="a UTF-8 text file with one review per line, or - for standard input")
     parser.add_argument("--model_dir", default="./fine-tuned-bert", help="a save_pretrained folder (safetensors)")
