@@ -132,7 +132,8 @@ def check_model_dir(model_dir):
 
 def count_parameters(model, embeddings=True):
     """Parameters of `model`. embeddings=False leaves out the embedding tables (every nn.Embedding):
-    the N of FLOP estimates, since a table lookup is not a matmul."""
+    the N of FLOP estimates, since a table lookup is not a matmul. (The embeddings' LayerNorm, a
+    few hundred numbers, counts as non-embedding, as every other LayerNorm does.)"""
     tables = set() if embeddings else {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in tables)
 

@@ -20,7 +20,8 @@ one GPU or many, in fp32, fp16 or bf16.
 On a CPU, training is not quite stock: cpu_speed.py draws dropout masks with a faster generator
 and keeps freed memory for reuse (same math, measured in BENCHMARKS.md). The banner's "not stock"
 lines say what is in effect; --fast_dropout false and --reuse_cpu_memory false turn each off.
-Stepping into `model(**batch)` in a debugger then lands in cpu_speed.attention_with_fast_dropout.
+Stepping through `model(**batch)` in a debugger, each attention layer then calls
+cpu_speed.attention_with_fast_dropout.
 
 The file reads top-down: config, setup (`build`, the one path inspect_model.py and the tests use
 too), progress and logging, evaluation, checkpoints, the loop (`train_one_epoch`), main.
@@ -727,20 +728,26 @@ def print_banner(run, num_train_rows):
 
 
 def main(argv=None):
+    """The command line: flags (or a config file) in, the final evaluation out."""
     with exit_on_usage_error():
         cfg = parse_config(argv)
-        return run_training(cfg)
+        _, final = run_training(cfg)
+        return final
 
 
-def run_training(cfg):
-    """Setup, the loop, the final evaluation and the model for serving; returns the final evaluation."""
-    setup = build(cfg)
+def run_training(cfg, wrap_collator=None):
+    """Setup, the loop, the final evaluation and the model for serving: the whole run.
+
+    Returns (the Run, the final evaluation); the Run is None with --do_train False. The benchmarks
+    call this too, reading the Run afterwards (wrap_collator: see `build`).
+    """
+    setup = build(cfg, wrap_collator)
     if not cfg.do_train:
-        return evaluate_only(cfg, setup)
+        return None, evaluate_only(cfg, setup)
     run = start_run(cfg, setup)
     print_banner(run, len(setup.train_ds))
     summary = train(run)
-    return finish(run, summary)
+    return run, finish(run, summary)
 
 
 def start_run(cfg, setup):

@@ -6,7 +6,7 @@ Driven by bench/gpu_check.sh; nothing here needs network. Three commands:
     accelerate launch --mixed_precision bf16 bench/gpu_check.py run --out DIR --precision bf16 --steps 300
     python bench/gpu_check.py report --out DIR        # the table, and a non-zero exit if a check failed
 
-`run` trains through train_loop.main (the same code path as a real run), then records samples/s,
+`run` trains through train_loop.run_training (the same code path as a real run), then records samples/s,
 real tokens/s, MFU against a matmul peak in the run's precision timed in the same process, peak GPU memory, whether
 every logged loss is finite, and under fp16 how the grad scaler behaved.
 """
@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from bench.measure import matmul_peak, training_flops  # noqa: E402 (needs the root on sys.path)
+from errors import exit_on_usage_error  # noqa: E402
 
 WORDS = 30_000  # vocabulary of synthetic words, bert-base-uncased's size
 
@@ -81,8 +82,7 @@ def run(args):
         "--dataloader_num_workers", "4", "--output_dir", f"{out}/results", "--logging_dir", f"{out}/logs",
         "--final_model_dir", f"{out}/model",
     ])
-    run_ = train_loop.start_run(cfg, train_loop.build(cfg))  # the Run keeps the scaler, step counts and data
-    final = train_loop.finish(run_, train_loop.train(run_))
+    run_, final = train_loop.run_training(cfg)  # the Run keeps the scaler, the step counts and the data
     if not run_.accelerator.is_main_process:
         return
     with open(f"{out}/results/log_history.jsonl") as f:
@@ -158,4 +158,5 @@ if __name__ == "__main__":
     parser.add_argument("--full_epoch", action="store_true", help="one pass over all 25k reviews instead of --steps")
     parser.add_argument("--smoke", action="store_true", help="make: a tiny model and 200 reviews (CPU try-out)")
     arguments = parser.parse_args()
-    {"make": lambda a: make(a.out, a.smoke), "run": run, "report": lambda a: report(a.out)}[arguments.command](arguments)
+    with exit_on_usage_error():
+        {"make": lambda a: make(a.out, a.smoke), "run": run, "report": lambda a: report(a.out)}[arguments.command](arguments)

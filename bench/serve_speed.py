@@ -31,8 +31,9 @@ import httpx
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root: servers run from there
-SHARED = ROOT / ".." / "shared"
-IMDB_TEST = SHARED / "data" / "imdb" / "plain_text" / "test-00000-of-00001.parquet"
+sys.path.insert(0, str(ROOT / "tests"))
+from models import IMDB_TEST, save_minilm_classifier  # noqa: E402 (the tests' ../shared paths and served model)
+
 PROG = "python -m bench.serve_speed"
 
 
@@ -299,9 +300,6 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from models import save_minilm_classifier
-
             model_dir = save_minilm_classifier(Path(tmp) / "minilm-l6-2labels")
         texts, lengths = short_reviews(model_dir, args.max_tokens, args.requests)
         print(f"{len(texts)} IMDb test reviews, {lengths[0]}-{lengths[-1]} tokens "

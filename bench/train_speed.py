@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 import torch
 
 from bench.measure import matmul_peak, training_flops
+from errors import exit_on_usage_error
 
 PROG = "python -m bench.train_speed"
 DEFAULTS = dict(model="../shared/models/minilm-l6", data="../shared/data/imdb", train_samples=96, eval_samples=200,
@@ -156,7 +157,17 @@ def run_ours(args, flags):
         return recorders[-1]
 
     out = tempfile.mkdtemp()
-    cfg = train_loop.parse_config([
+    _, final = train_loop.run_training(loop_config(args, out, flags), wrap_collator=recording)
+    with open(f"{out}/results/log_history.jsonl") as f:
+        summary = next(r for r in map(json.loads, f) if "train_runtime" in r)
+    return result(recorders[0], summary["train_runtime"], final["eval_runtime"], final["eval_accuracy"])
+
+
+def loop_config(args, out, flags=()):
+    """train_loop.py's config for the benchmark's rows, batch and length, writing under `out`."""
+    import train_loop
+
+    return train_loop.parse_config([
         "--model_name_or_path", args.model, "--dataset_name", args.data,
         "--max_train_samples", str(args.train_samples), "--max_eval_samples", str(args.eval_samples),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", str(args.batch_size),
@@ -165,11 +176,6 @@ def run_ours(args, flags):
         "--output_dir", f"{out}/results", "--logging_dir", f"{out}/logs", "--final_model_dir", f"{out}/model",
         *flags,
     ])
-    run = train_loop.start_run(cfg, train_loop.build(cfg, wrap_collator=recording))
-    final = train_loop.finish(run, train_loop.train(run))
-    with open(f"{out}/results/log_history.jsonl") as f:
-        summary = next(r for r in map(json.loads, f) if "train_runtime" in r)
-    return result(recorders[0], summary["train_runtime"], final["eval_runtime"], final["eval_accuracy"])
 
 
 def result(recorder, train_runtime, eval_runtime, accuracy, model=None):
@@ -362,23 +368,20 @@ def profile(args, steps=4):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    import cpu_speed
     import data
     import model_utils
+    import train_loop
 
     torch.set_num_threads(args.threads)
-    tokenizer = model_utils.load_tokenizer(args.model)
-    splits, label_names = load_subsets(args, tokenizer)
-    train_ds = data.tokenize(splits["train"], tokenizer, "text", "label", label_names, args.max_length)
+    # train_loop's own setup: its model (with the CPU speed-ups unless --no_cpu_speed), collator and AdamW
+    stock = ["--fast_dropout", "false", "--reuse_cpu_memory", "false"] if args.no_cpu_speed else []
+    cfg = loop_config(args, tempfile.mkdtemp(), stock)
+    setup = train_loop.build(cfg)
+    train_ds, collator, model = setup.train_ds, setup.train_dl.collate_fn, setup.model.train()
     lengths = data.token_lengths(train_ds)
     batches = data.length_grouped_batches(lengths, args.batch_size, 1, torch.Generator().manual_seed(args.seed))
     batches = batches[1: steps + 2]  # skip the longest-first step: a typical mix, warm-up first
-    collator = data.build_collator(tokenizer, "no")
-    model = model_utils.load_model(args.model, label_names).train()
-    if not args.no_cpu_speed:  # what train_loop.py does on a CPU by default
-        cpu_speed.use_fast_dropout(model)
-        cpu_speed.reuse_freed_memory()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+    optimizer = train_loop.build_optimizer(model, cfg)
 
     def step(rows):
         loss = model(**collator([train_ds[i] for i in rows])).loss
@@ -420,7 +423,8 @@ def profile(args, steps=4):
 if __name__ == "__main__":
     arguments = parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: ../shared/... is relative to it
-    if arguments.variant:
-        child_main(arguments)
-    else:
-        {"compare": compare, "knobs": knobs, "tokenize": tokenize, "profile": profile}[arguments.what](arguments)
+    with exit_on_usage_error():  # a wrong --model or --data: one line, exit 2
+        if arguments.variant:
+            child_main(arguments)
+        else:
+            {"compare": compare, "knobs": knobs, "tokenize": tokenize, "profile": profile}[arguments.what](arguments)

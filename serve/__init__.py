@@ -1,6 +1,7 @@
 """Serving a fine-tuned model: a web page and a JSON API (app.py), a command line (predict.py).
 
-Three layers, kept apart as Text Embeddings Inference keeps its router, core and backends:
+Three layers (HTTP, the batching core, the model), kept apart as Text Embeddings Inference keeps
+its router, core and backends:
 
     app.py          HTTP: config, request checks, routes, errors          python -m serve
     batching.py     limits, input validation, the batching worker

@@ -4,14 +4,20 @@ Everything is built offline, in seconds (the builders and the ../shared paths ar
 the real-weights tests use ../shared instead.
 """
 
+import os
 import random
 import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 
+import httpx
 import pandas as pd
 import pytest
 import torch
 
-from models import NEGATIVE, NEUTRAL, POSITIVE, save_tiny_bert
+from models import NEGATIVE, NEUTRAL, POSITIVE, ROOT, save_tiny_bert
 
 
 def make_reviews(n, seed):
@@ -83,6 +89,34 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(args, port, log_path, env=None, timeout=90):
+    """Run `python <args>` (a server listening on `port`) from the repository root; yield its base URL
+    once GET /health answers 200. Its output goes to `log_path` and into the failure message."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w+") as log:
+        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + timeout
+            while not answers_health(url):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"server not ready (exit code {process.poll()}):\n{log.read()[-3000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def answers_health(url):
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def usage_error(main, argv, capsys):

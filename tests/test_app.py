@@ -3,7 +3,6 @@ minilm-l6 with a 2-label head (real weights: equality with transformers.pipeline
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from transformers import (BertForSequenceClassification, DistilBertConfig,
 
 import serve.app as app_module
 import serve.predict as predict_module
-from conftest import free_port, usage_error
+from conftest import free_port, server_process, usage_error
 from model_utils import classify, count_parameters, load_for_inference
 from models import IMDB_TEST, MINILM, ROOT, save_minilm_classifier, save_served_tiny_bert, tiny_bert_config
 from serve.app import ServeConfig, create_app, parse_config, validate_config
@@ -557,33 +556,16 @@ def test_predict_cli_names_the_blank_line(tmp_path, capsys):
     assert f"line 2 of {reviews} is empty" in usage_error(predict_module.main, ["--file", str(reviews)], capsys)
 
 
-def test_documented_commands_serve_and_predict_alike(tiny_dir):
+def test_documented_commands_serve_and_predict_alike(tiny_dir, tmp_path):
     """`uvicorn serve.app:app_from_env --factory` with SERVE_MODEL_DIR, and `python -m serve.predict`,
     exactly as the docs write them, in processes of their own: the same answer for the same text."""
     port = free_port()
-    env = {**os.environ, "SERVE_MODEL_DIR": str(tiny_dir)}
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve.app:app_from_env", "--factory",
-                               "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not healthy(f"http://127.0.0.1:{port}/health"):
-            assert time.monotonic() < deadline and server.poll() is None, "the server did not get ready"
-            time.sleep(0.2)
-        served = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": "great film"}).json()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    factory = ["-m", "uvicorn", "serve.app:app_from_env", "--factory", "--port", str(port)]
+    with server_process(factory, port, tmp_path / "server.log", env={"SERVE_MODEL_DIR": str(tiny_dir)}) as url:
+        served = httpx.post(f"{url}/predict", json={"text": "great film"}).json()
     printed = subprocess.run([sys.executable, "-m", "serve.predict", "--model_dir", str(tiny_dir), "great film"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr
     line = json.loads(printed.stdout)
     assert line["label"] == served["predictions"][0]["label"]
     assert line["scores"] == pytest.approx(served["predictions"][0]["scores"], abs=1e-6)
-
-
-def healthy(url):
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

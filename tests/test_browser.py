@@ -4,15 +4,12 @@ downloads a browser of its own here)."""
 
 import os
 import re
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from conftest import free_port
-from models import MINILM, ROOT, save_minilm_classifier
+from conftest import free_port, server_process
+from models import MINILM, save_minilm_classifier
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,27 +26,9 @@ def server(tmp_path_factory):
         pytest.skip(f"{MINILM} is missing (the shared test model)")
     model_dir = save_minilm_classifier(tmp_path_factory.mktemp("served") / "model")
     port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    process = subprocess.Popen([sys.executable, "-m", "serve", "--model_dir", str(model_dir), "--port", str(port)],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            log.seek(0)
-            pytest.fail(f"server not ready (exit code {process.poll()}):\n{log.read()[-3000:]}")
+    log_path = tmp_path_factory.mktemp("log") / "server.log"
+    with server_process(["-m", "serve", "--model_dir", str(model_dir), "--port", str(port)], port, log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

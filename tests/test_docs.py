@@ -4,16 +4,28 @@ Reads README.md, BENCHMARKS.md, docs/*.md, and the docstrings and comments of th
 name files and commands too): a moved or renamed file fails here, not in a reader's terminal.
 """
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from models import ROOT
+
 MARKDOWN = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
-CODE = [p for p in sorted(ROOT.rglob("*")) if p.suffix in (".py", ".sh", ".html") or p.name == "Makefile"]
-CODE = [p for p in CODE if not {".venv", ".git"} & set(p.relative_to(ROOT).parts) and p.name != "test_docs.py"]
-SOURCES = MARKDOWN + CODE
+
+
+def our_code():
+    """Our .py/.sh/.html files and the Makefile: not the virtual environment, not this file's own examples."""
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = sorted(d for d in subfolders if d == ".ci" or not d.startswith(".") and d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".sh", ".html")) or name in ("Makefile", "run"):
+                if name != "test_docs.py":
+                    yield Path(folder) / name
+
+
+SOURCES = MARKDOWN + list(our_code())
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
 REPO_DIRS = ("serve/", "bench/", "docs/", "tests/", ".ci/")
