@@ -3,15 +3,15 @@
 1. Dropout masks from a faster random-number generator (`use_fast_dropout`).
 
    Dropout zeroes each activation with probability p and scales the survivors by 1 / (1 - p).
-   The math is cheap; drawing the random mask is not. torch's CPU dropout (`bernoulli_`) drew
-   60-90 million samples a second here, and BERT drops out a lot of numbers: the attention
+   The math is cheap; drawing the random mask is not. torch's CPU dropout (`bernoulli_`) draws
+   tens of millions of samples a second, and BERT drops out a lot of numbers: the attention
    probabilities alone are batch x heads x T x T per layer (8 x 12 x 300 x 300 = 8.6M draws).
-   Profiled, that was 26% of a MiniLM training step on our 2-core machine, more than half as long
-   as all the matmuls.
+   Profiled on a 2-core CPU, that was a quarter of a MiniLM training step, more than half as
+   long as all the matmuls (BENCHMARKS.md).
 
    Here the mask comes from numpy's PCG64 instead: one 64-bit draw gives four 16-bit numbers, and
    an element is kept where its number is at least p x 65536. Same Bernoulli(1 - p) masks, with p
-   rounded to a multiple of 1/65536 (0.1 becomes 0.100006), drawn about 7x faster.
+   rounded to a multiple of 1/65536 (0.1 becomes 0.100006), drawn several times faster.
    Each mask's PCG64 is seeded with one draw from torch's own generator, so `set_seed` still fixes
    every mask and a checkpoint (accelerate saves torch's RNG state) still resumes bit for bit.
 
@@ -24,7 +24,7 @@
    On CPU, torch allocates every activation with malloc and frees it after the backward pass.
    glibc hands out blocks above 32 MB (one attention-probability tensor at batch 8 and 512 tokens
    is 100 MB) with a fresh mmap each time, and the kernel then zero-fills every page on first
-   touch: a new 100 MB tensor costs about 4x its arithmetic. Telling glibc to serve all sizes from
+   touch: a new 100 MB tensor costs more in page faults than in arithmetic. Telling glibc to serve all sizes from
    its heap and to keep freed memory there removes that cost, at the price of the process holding
    on to its peak memory.
 """

@@ -101,8 +101,8 @@ class TrainConfig:
     # speed: each default measured on CPU, see BENCHMARKS.md
     group_by_length: bool = field(default=True, metadata={"help": (
         "batch reviews of similar length (seeded, resumable). Trainer's default is False; ours is True "
-        "because IMDb lengths spread from ~10 to 512 tokens: random batches of 8 are 43%% padding, "
-        "grouped ones 1.5%%, for the same rows, labels and per-epoch shuffle")})
+        "because IMDb lengths spread from ~10 to 512 tokens: random batches are largely padding, grouped "
+        "ones almost none, for the same rows, labels and per-epoch shuffle (BENCHMARKS.md)")})
     attn_implementation: Optional[Literal["sdpa", "eager"]] = field(default=None, metadata={"help": (
         "attention kernel; unset: the model's default (sdpa)")})
     torch_compile: bool = field(default=False, metadata={"help": (
@@ -110,7 +110,7 @@ class TrainConfig:
         "minutes and did not pay back (BENCHMARKS.md)")})
     fast_dropout: bool = field(default=True, metadata={"help": (
         "CPU training only: draw dropout masks from numpy's PCG64 (seeded from torch's generator) instead "
-        "of torch's bernoulli_. Same Bernoulli masks, drawn about 7x faster (cpu_speed.py). Off on GPU and "
+        "of torch's bernoulli_. Same Bernoulli masks, drawn several times faster (cpu_speed.py). Off on GPU and "
         "with --torch_compile; with --attn_implementation eager only the hidden-state dropouts use it")})
     reuse_cpu_memory: bool = field(default=True, metadata={"help": (
         "CPU training only: glibc keeps freed tensor memory for the next step instead of mapping fresh "
@@ -310,7 +310,7 @@ def speed_up_cpu_training(cfg, model, accelerator):
 
 def build_optimizer(model, cfg):
     groups = model_utils.optimizer_param_groups(model, cfg.weight_decay)
-    # fused: one kernel for all parameters instead of ~10 per tensor; 6x faster on CPU (Trainer's default too)
+    # fused: one kernel for all parameters instead of ~10 per tensor, much faster (Trainer's default too)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_epsilon, fused=True)
 

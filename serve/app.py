@@ -17,11 +17,12 @@ loaded and warmed up, then 200. All model calls go through one batching worker (
 import os
 
 # Before torch loads OpenMP. By default its threads spin for milliseconds after each operation,
-# taking the CPU from the event loop that is reading the next requests; the batches then ran 2-3x
-# slower (BENCHMARKS.md). PASSIVE makes them sleep instead. GNU libgomp (torch's Linux wheels) still
-# spins GOMP_SPINCOUNT times first, about 0.3 ms: enough to catch the next operation of the same
-# forward pass without a sleep and a wake-up (2-7% more throughput at concurrency 1), too little
-# to starve the event loop between batches. Any value the user set wins.
+# taking the CPU from the event loop that is reading the next requests; the batches then ran
+# several times slower (BENCHMARKS.md). PASSIVE makes them sleep instead. GNU libgomp (torch's
+# Linux wheels) still spins GOMP_SPINCOUNT times first, a fraction of a millisecond: enough to catch
+# the next operation of the same forward pass without a sleep and a wake-up (more throughput at
+# concurrency 1, BENCHMARKS.md), too little to starve the event loop between batches. Any value the
+# user set wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "30000"
