@@ -313,12 +313,13 @@ def build_collator(tokenizer, mixed_precision):
 
 
 def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_size, seed, num_workers=0,
-                      group_by_length=True, num_processes=None):
+                      group_by_length=True, num_processes=None, pin_memory=False):
     """Training batches in a seeded order that depends only on `seed` and the epoch; evaluation
     batches sorted by length, their rows numbered so results can be put back in dataset order.
 
     group_by_length: batches of similar-length rows (see `length_grouped_batches`); else a plain
     shuffle. num_processes: how many processes will share the batches (default: as launched).
+    pin_memory: batches in page-locked host memory, which a GPU copies from without the CPU waiting.
     Every loader draws on its own seeded generator (the order, and the seed each new iterator
     takes), never on the global torch RNG, which also drives dropout: a resumed run then sees
     exactly the dropout masks of an uninterrupted one.
@@ -334,6 +335,7 @@ def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_
         **order,
         collate_fn=collator,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),  # the shuffle, and the worker seed of each new iterator
     )
     eval_dl = None
@@ -344,6 +346,7 @@ def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_
             batch_size=eval_batch_size,
             collate_fn=collator,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             generator=torch.Generator().manual_seed(seed),
         )
     return train_dl, eval_dl

@@ -88,13 +88,22 @@ def save_for_serving(accelerator, model, tokenizer, out_dir):
     """Write the bare model (no DDP/compile wrappers) as safetensors + its tokenizer.
 
     Every process must call this: `get_state_dict` gathers sharded weights collectively;
-    only the main process writes.
+    only the main process writes. The weights keep the model's own names: torch.compile's wrapper
+    prefixes each with `_orig_mod.`, and a folder saved so loads as a freshly initialised model
+    (transformers only warns), so the prefix is taken off and the names checked.
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+        state_dict = {name.removeprefix(COMPILED_PREFIX): tensor for name, tensor in state_dict.items()}
+        if state_dict.keys() != bare.state_dict().keys():
+            raise RuntimeError(f"the weights to save are not the model's own: {sorted(state_dict)[:3]}...")
+        bare.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
+
+
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule keeps the model as `_orig_mod`
 
 
 def load_for_inference(model_dir, device="cpu"):

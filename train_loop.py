@@ -42,10 +42,11 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, get_scheduler
+from transformers.utils.import_utils import enable_tf32, is_torch_tf32_available
 
 import cpu_speed
 import data
@@ -105,9 +106,19 @@ class TrainConfig:
         "ones almost none, for the same rows, labels and per-epoch shuffle (BENCHMARKS.md)")})
     attn_implementation: Optional[Literal["sdpa", "eager"]] = field(default=None, metadata={"help": (
         "attention kernel; unset: the model's default (sdpa)")})
-    torch_compile: bool = field(default=False, metadata={"help": (
-        "torch.compile the model (inductor). Off by default: on CPU, recompiling for new lengths cost "
-        "minutes and did not pay back (BENCHMARKS.md)")})
+    torch_compile: Optional[bool] = field(default=None, metadata={"help": (
+        "torch.compile the model. Unset: what `accelerate config` answered (its dynamo backend); true or "
+        "false overrides that. The banner says which. On CPU, recompiling for new lengths cost minutes and "
+        "did not pay back (BENCHMARKS.md)")})
+    torch_compile_backend: Optional[str] = field(default=None, metadata={"help": (
+        "torch.compile backend (inductor, eager, ...); setting it turns --torch_compile on")})
+    tf32: Optional[bool] = field(default=None, metadata={"help": (
+        "TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs (Trainer's flag); unset: torch's "
+        "default, full fp32. The banner says which")})
+    dataloader_pin_memory: bool = field(default=True, metadata={"help": (
+        "on CUDA: batches in pinned host memory, copied to the GPU without blocking the CPU")})
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = field(default="adamw_torch_fused", metadata={"help": (
+        "AdamW as one fused kernel for all parameters (Trainer's default), or torch's per-tensor loop")})
     fast_dropout: bool = field(default=True, metadata={"help": (
         "CPU training only: draw dropout masks from numpy's PCG64 (seeded from torch's generator) instead "
         "of torch's bernoulli_. Same Bernoulli masks, drawn several times faster (cpu_speed.py). Off on GPU and "
@@ -209,20 +220,51 @@ def require(condition, message):
 def build_accelerator(cfg):
     """Devices, processes and precision come from `accelerate config`/`accelerate launch`, or the flag."""
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             # Every process shuffles with the same seed, so together they cover each row once per epoch.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+            # non_blocking: host-to-GPU copies from pinned memory are queued, not waited for.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+                                                      non_blocking=cfg.dataloader_pin_memory),
             # We step the schedule once per optimizer step ourselves. Left linked, accelerate steps it
             # once per process per optimizer step, and a 2-process run would decay twice as fast.
             step_scheduler_with_optimizer=False,
-            dynamo_backend="inductor" if cfg.torch_compile else None,  # prepare() compiles the model
+            dynamo_backend=compile_backend(cfg) or "no",  # prepare() compiles the model; "no" overrides the env
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_dir=cfg.logging_dir,
         )
     except ValueError as err:  # e.g. fp16 asked for on a machine without a GPU
         raise UsageError(f"cannot set up devices/precision: {err} (on CPU use --mixed_precision bf16 or no).") from None
+    set_tf32(cfg.tf32, accelerator.device)
+    return accelerator
+
+
+def compile_backend(cfg):
+    """The torch.compile backend, or None: one decision from --torch_compile / --torch_compile_backend
+    and `accelerate config`'s dynamo answer (which `accelerate launch` passes as ACCELERATE_DYNAMO_BACKEND).
+    A flag set on the command line wins; unset, accelerate config decides."""
+    configured = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    configured = None if configured == "no" else configured
+    if cfg.torch_compile is False:
+        return None
+    if cfg.torch_compile_backend:
+        return cfg.torch_compile_backend
+    if cfg.torch_compile:
+        return configured or "inductor"
+    return configured
+
+
+def set_tf32(tf32, device):
+    """--tf32 true/false sets TF32 for fp32 matmuls and convolutions (transformers' helper, as Trainer does);
+    unset leaves torch's default. TF32 exists on NVIDIA Ampere and newer only."""
+    if tf32 is None:
+        return
+    require(not tf32 or (device.type == "cuda" and is_torch_tf32_available()),
+            f"--tf32 true needs an NVIDIA GPU of the Ampere generation or newer; this run is on {device}. "
+            "Leave --tf32 unset (or false) here.")
+    if is_torch_tf32_available():
+        enable_tf32(tf32)
 
 
 def load_data(cfg):
@@ -286,6 +328,7 @@ def build(cfg, wrap_collator=None):
     train_dl, eval_dl = data.build_dataloaders(
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
         cfg.seed, cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
+        pin_memory=cfg.dataloader_pin_memory and accelerator.device.type == "cuda",  # pinning helps GPUs only
     )
     return Setup(accelerator, tokenizer, model, label_names, train_ds, eval_ds, train_dl, eval_dl, speedups)
 
@@ -294,8 +337,8 @@ def speed_up_cpu_training(cfg, model, accelerator):
     """cpu_speed.py's two CPU-only speed-ups, each measured in BENCHMARKS.md; a GPU needs neither.
     Returns what is in effect, for the banner: nothing non-stock happens without the run saying so."""
     speedups = []
-    if cfg.fast_dropout and cfg.torch_compile:  # numpy inside forward() would split dynamo's graph
-        accelerator.print("--fast_dropout is off under --torch_compile: torch's own dropout is used.")
+    if cfg.fast_dropout and compile_backend(cfg):  # numpy inside forward() would split dynamo's graph
+        accelerator.print("--fast_dropout is off under torch.compile: torch's own dropout is used.")
     elif cfg.fast_dropout:
         cpu_speed.use_fast_dropout(model)
         in_attention = model.config._attn_implementation == cpu_speed.ATTENTION_NAME
@@ -312,7 +355,7 @@ def build_optimizer(model, cfg):
     groups = model_utils.optimizer_param_groups(model, cfg.weight_decay)
     # fused: one kernel for all parameters instead of ~10 per tensor, much faster (Trainer's default too)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=True)
+                             eps=cfg.adam_epsilon, fused=cfg.optim == "adamw_torch_fused")
 
 
 def schedule_lengths(cfg, num_batches):
@@ -335,6 +378,7 @@ class Progress:
     window_loss: float = 0.0  # sum of step losses since the last log line
     window_steps: int = 0
     total_loss: float = 0.0  # sum of all step losses, for train_loss
+    skipped_steps: int = 0  # fp16: steps whose gradients overflowed, so the weights did not move
 
 
 class JsonLines:
@@ -407,25 +451,24 @@ def evaluate(model, dataloader, accelerator, num_labels):
     """
     model.eval()
     start = time.perf_counter()
-    rows, row_losses, predictions, references = [], [], [], []
+    per_batch = []  # (rows, losses, predictions, labels) of each batch, all processes', kept on the device
     with torch.inference_mode():  # no autograd records at all: cheaper than no_grad
         for batch in dataloader:
             labels, row = batch.pop("labels"), batch.pop("row")
             logits = model(**batch).logits  # (B, num_labels)
             loss = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,) one loss per row
-            gathered = accelerator.gather_for_metrics((row, loss, logits.argmax(dim=-1), labels))
-            for kept, values in zip((rows, row_losses, predictions, references), gathered):
-                kept.append(values.cpu())
+            per_batch.append(accelerator.gather_for_metrics((row, loss, logits.argmax(dim=-1), labels)))
+    # One copy to the host at the end: a copy per batch would make the CPU wait for the GPU each time.
+    rows, row_losses, predictions, references = (torch.cat(columns).cpu() for columns in zip(*per_batch))
     model.train()
     runtime = time.perf_counter() - start
-    rows = torch.cat(rows)
     require_permutation(rows)
     dataset_order = rows.argsort()
-    predictions, references = torch.cat(predictions)[dataset_order], torch.cat(references)[dataset_order]
+    predictions, references = predictions[dataset_order], references[dataset_order]
     scores = ClassificationMetrics(keep_in_memory=True).compute(
         predictions=predictions.tolist(), references=references.tolist(), num_labels=num_labels
     )
-    results = {"eval_loss": torch.cat(row_losses).mean().item()}  # mean over rows, not over batches
+    results = {"eval_loss": row_losses.mean().item()}  # mean over rows, not over batches
     results.update({f"eval_{name}": value for name, value in scores.items()})
     results["eval_runtime"] = round(runtime, 4)
     results["eval_samples_per_second"] = round(len(references) / runtime, 3)
@@ -503,9 +546,32 @@ def load_checkpoint(accelerator, cfg, path):
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     require(not changed, f"cannot resume from {path!r}: these settings differ from the checkpoint's "
                          f"({'; '.join(changed)}). Resume with the original settings.")
-    accelerator.load_state(path)
+    load_state_across_precisions(accelerator, path)
     with open(os.path.join(path, "training_state.json")) as f:
         return Progress(**json.load(f))
+
+
+def load_state_across_precisions(accelerator, path):
+    """`load_state`, also when the precision changed since the save (moving to another GPU, say).
+
+    The weights, AdamW's moments and the schedule are fp32 under every precision, so they carry over
+    as they are; only fp16 has a loss scaler (scaler.pt). Resuming in fp16 from an fp32/bf16
+    checkpoint starts a fresh scaler, and the other way round the saved one is not needed.
+    """
+    has_scaler = os.path.isfile(os.path.join(path, SCALER_NAME))
+    if accelerator.scaler is None or has_scaler:
+        if has_scaler and accelerator.scaler is None:
+            accelerator.print(f"note: {path} was saved under fp16; this run ({accelerator.mixed_precision}) "
+                              f"needs no loss scaler, so its {SCALER_NAME} is not used.")
+        accelerator.load_state(path)
+        return
+    accelerator.print(f"note: {path} was saved without fp16 (no {SCALER_NAME}); this fp16 run starts a fresh "
+                      f"loss scaler at scale {accelerator.scaler.get_scale():g}.")
+    scaler, accelerator.scaler = accelerator.scaler, None  # load_state would read scaler.pt from the folder
+    try:
+        accelerator.load_state(path)
+    finally:
+        accelerator.scaler = scaler
 
 
 def write_json(path, obj):
@@ -541,6 +607,7 @@ class Run:
     last_eval: Optional[dict] = None
     layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
     profiler: Optional[study.StepProfiler] = None  # --profile_steps
+    step_hooks: list = field(default_factory=list)  # called with the Run after each step (bench/gpu_check.py's clock)
 
     @property
     def global_batch(self):
@@ -551,9 +618,7 @@ class Run:
 def train_one_epoch(run, epoch, pbar):
     """One pass over the training batches (fewer if resuming mid-epoch or reaching max_steps)."""
     cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
-    run.train_dl.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch): resumable
-    done_this_epoch = run.progress.global_step - epoch * run.steps_per_epoch
-    batches = accelerator.skip_first_batches(run.train_dl, done_this_epoch * cfg.gradient_accumulation_steps)
+    batches = epoch_batches(run, epoch)
     model.train()
     step_loss, micro_batches = 0.0, 0
     for batch in batches:
@@ -567,9 +632,12 @@ def train_one_epoch(run, epoch, pbar):
                 watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
                 # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                scale = loss_scale(accelerator)
                 optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
                 learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
-                if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf/nan grads is skipped
+                if overflowed(accelerator, scale):  # fp16: inf/nan gradients, the update was skipped
+                    run.progress.skipped_steps += 1
+                else:  # the schedule advances with the weights only, as in Trainer
                     run.lr_scheduler.step()
                 optimizer.zero_grad()
         if accelerator.sync_gradients:  # an optimizer step was taken: count it, then log / evaluate / save
@@ -580,6 +648,38 @@ def train_one_epoch(run, epoch, pbar):
             step_loss, micro_batches = 0.0, 0
             if run.progress.global_step >= run.total_steps:
                 break
+
+
+def epoch_batches(run, epoch):
+    """The prepared loader for `epoch`, less the batches a resumed run has already trained on.
+
+    The shuffle order is a function of (seed, epoch), so the batches done are known and skipped.
+    Skipping needs a rebuilt loader (accelerate's skip_first_batches), which accelerate 1.15 builds
+    without non_blocking: that is put back, so the GPU copies stay asynchronous after a resume too.
+    """
+    run.train_dl.set_epoch(epoch)
+    done = (run.progress.global_step - epoch * run.steps_per_epoch) * run.cfg.gradient_accumulation_steps
+    if done == 0:
+        return run.train_dl
+    batches = run.accelerator.skip_first_batches(run.train_dl, done)
+    batches._non_blocking = run.train_dl._non_blocking  # no public setter; the loader reads this one
+    return batches
+
+
+def loss_scale(accelerator):
+    """fp16's loss scale before the step (None without a grad scaler: fp32, bf16)."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
+
+
+def overflowed(accelerator, scale_before):
+    """Whether fp16's grad scaler found inf/nan gradients in this step, so that the weights did not move.
+
+    Read from the scale: on an overflow the scaler skips the update and halves its scale, and only
+    then. (accelerate's optimizer_step_was_skipped cannot see it with the fused AdamW: the scaler
+    hands the inf/nan check to the fused kernel and calls step() every time.) Reading the scale
+    waits for the GPU once per step, under fp16 only.
+    """
+    return scale_before is not None and accelerator.scaler.get_scale() < scale_before
 
 
 def layer_stats_due(run):
@@ -598,6 +698,8 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
     if progress.global_step % cfg.logging_steps == 0:
         read_losses(run)
         record = log_record(progress, float(grad_norm), learning_rate, run.steps_per_epoch)
+        if run.accelerator.scaler is not None:  # fp16: how many steps overflowed so far
+            record["skipped_steps"] = progress.skipped_steps
         run.log.write(record, progress.global_step)
         pbar.set_postfix(loss=record["loss"])
         progress.window_loss, progress.window_steps = 0.0, 0
@@ -609,6 +711,8 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
         checkpoint(run)
     if run.profiler is not None:
         run.profiler.step()
+    for hook in run.step_hooks:
+        hook(run)
 
 
 def read_losses(run):
@@ -661,7 +765,7 @@ def train(run):
         "train_steps_per_second": round(steps / runtime, 3),
         "train_loss": run.progress.total_loss / run.progress.global_step,
         "epoch": round(run.progress.global_step / run.steps_per_epoch, 2),
-    }
+    } | ({"skipped_steps": run.progress.skipped_steps} if run.accelerator.scaler is not None else {})
 
 
 def finish(run, summary):
@@ -715,12 +819,29 @@ def print_banner(run, num_train_rows):
         f" x processes {acc.num_processes} = {run.global_batch} rows per optimizer step",
         f"  steps per epoch {run.steps_per_epoch:,} | total steps {run.total_steps:,} | warm-up steps {run.warmup_steps:,}",
         f"  model {type(model).__name__}, {model_utils.count_parameters(model):,} parameters, "
-        f"attention {model.config._attn_implementation}",
+        f"attention {model.config._attn_implementation}, {compile_line(cfg)}",
     ]
+    if acc.device.type == "cuda":
+        lines.append(f"  GPU {torch.cuda.get_device_name(acc.device)} | fp32 matmuls {fp32_matmul_line()}")
     lines += [f"  not stock: {speedup}" for speedup in run.speedups] or ["  not stock: nothing"]
     if run.progress.global_step:
         lines.append(f"  resuming at step {run.progress.global_step:,}")
     acc.print("\n".join(lines))
+
+
+def compile_line(cfg):
+    backend = compile_backend(cfg)
+    if backend is None:
+        return "not compiled"
+    source = "--torch_compile" if cfg.torch_compile or cfg.torch_compile_backend else "accelerate config"
+    return f"torch.compile backend {backend} (from {source})"
+
+
+def fp32_matmul_line():
+    if torch.backends.cuda.matmul.fp32_precision == "tf32":
+        return "TF32 tensor cores (--tf32 false: full fp32)"
+    hint = "; --tf32 true for TF32 tensor cores" if is_torch_tf32_available() else ""
+    return f"full fp32{hint}"
 
 
 # -----------------------------------------------------------------------------
@@ -735,16 +856,18 @@ def main(argv=None):
         return final
 
 
-def run_training(cfg, wrap_collator=None):
+def run_training(cfg, wrap_collator=None, step_hooks=()):
     """Setup, the loop, the final evaluation and the model for serving: the whole run.
 
     Returns (the Run, the final evaluation); the Run is None with --do_train False. The benchmarks
-    call this too, reading the Run afterwards (wrap_collator: see `build`).
+    call this too, reading the Run afterwards. Their seams: wrap_collator (see `build`) and
+    step_hooks, functions called with the Run after each optimizer step.
     """
     setup = build(cfg, wrap_collator)
     if not cfg.do_train:
         return None, evaluate_only(cfg, setup)
     run = start_run(cfg, setup)
+    run.step_hooks = list(step_hooks)
     print_banner(run, len(setup.train_ds))
     summary = train(run)
     return run, finish(run, summary)

@@ -133,15 +133,15 @@ def banner_lines(capsys, tiny_bert, csv_data, out, *flags):
 
 def test_banner_names_each_cpu_speed_up_with_the_flag_that_turns_it_off(tiny_bert, csv_data, tmp_path, capsys):
     model, dropout, memory = banner_lines(capsys, tiny_bert, csv_data, tmp_path / "default")
-    assert model.endswith("attention sdpa_fast_dropout")  # where a debugger steps into model(**batch)
+    assert model.endswith("attention sdpa_fast_dropout, not compiled")  # what attention layers call
     assert dropout == ("not stock: dropout masks from numpy's PCG64 in dropout layers and attention "
                        "(cpu_speed.py; off: --fast_dropout false)")
     assert memory.startswith("not stock: glibc keeps freed memory") and memory.endswith("off: --reuse_cpu_memory false)")
     eager = banner_lines(capsys, tiny_bert, csv_data, tmp_path / "eager", "--attn_implementation", "eager")
-    assert eager[0].endswith("attention eager") and "in dropout layers (cpu_speed.py" in eager[1]
+    assert eager[0].endswith("attention eager, not compiled") and "in dropout layers (cpu_speed.py" in eager[1]
     stock = banner_lines(capsys, tiny_bert, csv_data, tmp_path / "stock", "--fast_dropout", "false",
                          "--reuse_cpu_memory", "false")
-    assert stock[0].endswith("attention sdpa") and stock[1:] == ["not stock: nothing"]
+    assert stock[0].endswith("attention sdpa, not compiled") and stock[1:] == ["not stock: nothing"]
 
 
 def test_importing_switches_nothing_on():
