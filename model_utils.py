@@ -6,6 +6,7 @@ names, tokenizer files), so `transformers.pipeline("text-classification", model=
 """
 
 import os
+import platform
 
 import torch
 from torch import nn
@@ -106,15 +107,16 @@ def save_for_serving(accelerator, model, tokenizer, out_dir):
 COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule keeps the model as `_orig_mod`
 
 
-def load_for_inference(model_dir, device="cpu"):
-    """(model, tokenizer) from a folder written by `save_for_serving`, ready for `inference_mode`.
+def load_for_inference(model_dir, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a folder written by `save_for_serving`, ready for `inference_mode`,
+    its weights in `dtype` on `device`.
 
     safetensors only and no remote code: loading a served model must never execute a pickle.
     """
     check_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=False
+        model_dir, use_safetensors=True, trust_remote_code=False, dtype=dtype
     )
     model.to(device).eval()
     return model, tokenizer
@@ -147,17 +149,34 @@ def count_parameters(model, embeddings=True):
     return sum(p.numel() for p in model.parameters() if id(p) not in tables)
 
 
+def device_name(device):
+    """A GPU's name (NVIDIA H100 ..., say), or the CPU's model as the kernel reports it: for banners."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or device.type
+
+
 def label_names(model):
     """Label names in class-index order, from the config written at training time."""
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
-@torch.inference_mode()
 def classify(model, tokenizer, texts, max_length=None):
     """Class probabilities (len(texts), num_labels) for a list of texts, truncated to the model's limit."""
     max_length = max_length or model_max_length(model, tokenizer)
-    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    batch = batch.to(model.device)
+    return classify_encoded(model, tokenizer, tokenizer(texts, truncation=True, max_length=max_length))
+
+
+@torch.inference_mode()
+def classify_encoded(model, tokenizer, encoded):
+    """Class probabilities (B, num_labels) for texts already tokenized (lists of ids, unpadded):
+    padded here to the longest, in fp32 whatever the model's dtype."""
+    batch = tokenizer.pad(encoded, return_tensors="pt").to(model.device)
     logits = model(**batch).logits  # (B, num_labels)
     return logits.float().softmax(dim=-1)
 

@@ -328,9 +328,15 @@ def build(cfg, wrap_collator=None):
     train_dl, eval_dl = data.build_dataloaders(
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
         cfg.seed, cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
-        pin_memory=cfg.dataloader_pin_memory and accelerator.device.type == "cuda",  # pinning helps GPUs only
+        pin_memory=pins_memory(cfg, accelerator.device),
     )
     return Setup(accelerator, tokenizer, model, label_names, train_ds, eval_ds, train_dl, eval_dl, speedups)
+
+
+def pins_memory(cfg, device):
+    """--dataloader_pin_memory (on by default, as in Trainer), on CUDA only: page-locked batches are
+    what lets the copy to the GPU run while the CPU goes on; elsewhere pinning would only cost."""
+    return cfg.dataloader_pin_memory and device.type == "cuda"
 
 
 def speed_up_cpu_training(cfg, model, accelerator):
@@ -822,7 +828,7 @@ def print_banner(run, num_train_rows):
         f"attention {model.config._attn_implementation}, {compile_line(cfg)}",
     ]
     if acc.device.type == "cuda":
-        lines.append(f"  GPU {torch.cuda.get_device_name(acc.device)} | fp32 matmuls {fp32_matmul_line()}")
+        lines.append(f"  GPU {model_utils.device_name(acc.device)} | fp32 matmuls {fp32_matmul_line()}")
     lines += [f"  not stock: {speedup}" for speedup in run.speedups] or ["  not stock: nothing"]
     if run.progress.global_step:
         lines.append(f"  resuming at step {run.progress.global_step:,}")

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 import torch
 
 from bench.measure import matmul_peak, training_flops
+import model_utils
 from errors import exit_on_usage_error
 
 PROG = "python -m bench.train_speed"
@@ -188,7 +189,6 @@ def run_tokenize(args):
     import datasets
 
     import data
-    import model_utils
 
     tokenizer = model_utils.load_tokenizer(args.model)
     splits = datasets.load_dataset(args.data, cache_dir=args.cache_dir)
@@ -245,8 +245,6 @@ def train_set_flops(args):
     """(real tokens, training FLOPs) of one epoch over the training rows: the same for every variant."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    import model_utils
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     splits, _ = load_subsets(args, tokenizer)
     lengths = [len(ids) for ids in tokenizer(list(splits["train"]["text"]), truncation=True, max_length=args.max_length)["input_ids"]]
@@ -292,17 +290,9 @@ def markdown_table(rows):
 
 def header(args):
     return (f"`{' '.join(['python', '-m', 'bench.train_speed', *sys.argv[1:]])}` — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-            f"{platform.processor() or platform.machine()} {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{platform.machine()} {model_utils.device_name('cpu')}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{args.threads} threads; model {args.model}, {args.train_samples} train / {args.eval_samples} eval rows, "
             f"batch {args.batch_size}, max_length {args.max_length}, fp32, 1 epoch, best of {args.repeats} runs")
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return ""
 
 
 def compare(args):
@@ -369,7 +359,6 @@ def profile(args, steps=4):
     from torch.profiler import profile as torch_profile
 
     import data
-    import model_utils
     import train_loop
 
     torch.set_num_threads(args.threads)

@@ -341,6 +341,8 @@ def add_info(app, cfg, state):
             "max_length": classifier.max_length if classifier else None,
             "num_parameters": classifier.num_parameters if classifier else None,
             "device": cfg.device,
+            "device_name": classifier.device_name if classifier else None,
+            "dtype": classifier.dtype if classifier else None,  # the weights' number format, as loaded
             "packed": classifier.packed if classifier else None,  # batches run without padding (serve/packed.py)
             "limits": {f.name: getattr(cfg, f.name) for f in fields(Limits)} | {"max_body_bytes": cfg.max_body_bytes},
             "batches_run": classifier.worker.batches if classifier else 0,

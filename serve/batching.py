@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 
 # -----------------------------------------------------------------------------
@@ -42,6 +43,11 @@ class Limits:
         default=True,
         metadata={"help": "on a CPU, run each batch of a BERT model with no padding: its texts end to end, "
                           "attention per text (--packed false: padded batches, split by length)"},
+    )
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = field(
+        default=None,
+        metadata={"help": "the weights' number format; default: float16 on a GPU (as Text Embeddings Inference), "
+                          "float32 on a CPU"},
     )
     forward_cost_tokens: int = field(
         default=None,

@@ -12,9 +12,18 @@ from functools import partial
 
 import torch
 
-from model_utils import classify, count_parameters, label_names, load_for_inference, model_max_length
+from model_utils import (classify_encoded, count_parameters, device_name, label_names, load_for_inference,
+                         model_max_length)
 from serve.batching import BatchWorker
 from serve.packed import can_pack, classify_packed, use_packed_attention
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_dtype(device):
+    """float16 on a GPU (as Text Embeddings Inference serves there), float32 elsewhere."""
+    return "float16" if torch.device(device).type == "cuda" else "float32"
+
 
 # What one more forward pass costs, in padded tokens, when a padded batch is split by length on a
 # CPU: its fixed cost over its cost per token, measured with MiniLM on 2 cores (BENCHMARKS.md).
@@ -31,13 +40,16 @@ def classify_by_length(model, tokenizer, texts, max_length, forward_cost_tokens)
     A padded batch costs about (texts x longest text) tokens. Gathered requests have mixed lengths
     (25 to 128 tokens, say), so one batch would spend a third of its time on padding; sorting and
     cutting it where that saves more than a forward pass costs gets most of that back on a CPU.
+    The texts are tokenized once; each chunk is padded from those ids.
     """
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     probs = torch.empty(len(texts), model.config.num_labels)
     for start, end in split_by_length([lengths[i] for i in order], forward_cost_tokens):
         rows = order[start:end]
-        probs[rows] = classify(model, tokenizer, [texts[i] for i in rows], max_length).cpu()
+        chunk = {key: [encoded[key][i] for i in rows] for key in encoded.keys()}
+        probs[rows] = classify_encoded(model, tokenizer, chunk).cpu()
     return probs
 
 
@@ -74,8 +86,10 @@ class Classifier:
     """A model folder loaded once, warmed up, and served through one BatchWorker."""
 
     def __init__(self, model_dir, limits, device="cpu"):
-        model, tokenizer = load_for_inference(model_dir, device)
+        model, tokenizer = load_for_inference(model_dir, device, DTYPES[limits.dtype or default_dtype(device)])
         self.model_dir = model_dir
+        self.dtype = str(model.dtype).removeprefix("torch.")  # as loaded: what /info reports
+        self.device_name = device_name(model.device)
         self.labels = label_names(model)
         self.max_length = model_max_length(model, tokenizer)
         self.num_parameters = count_parameters(model)

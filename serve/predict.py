@@ -30,6 +30,8 @@ def parse_args(argv):
     parser.add_argument("--file", help="a UTF-8 text file with one review per line, or - for standard input")
     parser.add_argument("--model_dir", default="./fine-tuned-bert", help="a save_pretrained folder (safetensors)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="the weights' number format; default: float16 on a GPU, float32 on a CPU")
     args = parser.parse_args(argv)
     if bool(args.texts) == bool(args.file):
         raise UsageError("give reviews as arguments or --file PATH (one review per line), not both and not neither.")
@@ -80,9 +82,9 @@ def print_rows(rows, labels, out):
 
 
 def main(argv=None):
-    limits = Limits()
     with exit_on_usage_error():
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        limits = Limits(dtype=args.dtype)
         texts, name = read_texts(args)
         check_all(texts, name, limits)
         check_model_dir(args.model_dir)

@@ -126,7 +126,7 @@ def usage_error(main, argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     return err
 
 

@@ -22,6 +22,7 @@ from transformers import (BertForSequenceClassification, DistilBertConfig,
 import serve.app as app_module
 import serve.predict as predict_module
 from conftest import free_port, server_process, usage_error
+import model_utils
 from model_utils import classify, count_parameters, load_for_inference
 from models import IMDB_TEST, MINILM, ROOT, save_minilm_classifier, save_served_tiny_bert, tiny_bert_config
 from serve.app import ServeConfig, create_app, parse_config, validate_config
@@ -172,8 +173,10 @@ def test_info(tiny_dir, tmp_path):
     assert info["eval_results_path"] == str(tmp_path / "results" / "eval_results.json")
     assert info["packed"] is True  # a BERT model on a CPU
     assert info["limits"] == {"max_inputs": 32, "max_chars": 100_000, "max_batch_size": 32, "max_wait_ms": 5.0,
-                              "max_queue": 512, "packed": True, "forward_cost_tokens": None,
+                              "max_queue": 512, "packed": True, "dtype": None, "forward_cost_tokens": None,
                               "max_body_bytes": 2 * 1024 * 1024}
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")  # --dtype unset: float32 on a CPU
+    assert info["device_name"] == model_utils.device_name("cpu") and info["device_name"]
 
 
 def test_info_eval_results_beside_the_model_win(tiny_dir, tmp_path):
@@ -569,3 +572,32 @@ def test_documented_commands_serve_and_predict_alike(tiny_dir, tmp_path):
     line = json.loads(printed.stdout)
     assert line["label"] == served["predictions"][0]["label"]
     assert line["scores"] == pytest.approx(served["predictions"][0]["scores"], abs=1e-6)
+
+
+def test_a_padded_batch_is_tokenized_once(tiny_dir):
+    """The length split pads its chunks from one tokenization of the batch (GPUs take this path)."""
+    model, tokenizer = load_for_inference(str(tiny_dir))
+    calls = []
+
+    class Counting(type(tokenizer)):
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0])
+            return super().__call__(*args, **kwargs)
+
+    tokenizer.__class__ = Counting
+    texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]
+    chunked = classify_by_length(model, tokenizer, texts, 64, forward_cost_tokens=0)  # eight chunks of one
+    assert calls == [texts]
+    tokenizer.__class__ = Counting.__base__
+    assert_close(chunked, classify(model, tokenizer, texts))
+
+
+def test_dtype_flag_loads_the_weights_in_that_format(tiny_dir, capsys):
+    texts = ["great film " * n for n in (9, 1, 30, 4)]
+    with Classifier(str(tiny_dir), Limits(dtype="bfloat16"), "cpu") as classifier:
+        assert classifier.dtype == "bfloat16"
+        assert next(classifier.worker.predict_fn.args[0].parameters()).dtype == torch.bfloat16
+        bf16 = probs(classifier.predict(texts))
+    assert_close(bf16, single_row_probs(tiny_dir, texts), atol=0.02)  # bf16 keeps ~3 significant digits
+    err = usage_error(app_module.main, ["--model_dir", str(tiny_dir), "--dtype", "int8"], capsys)
+    assert "--dtype: invalid choice: 'int8'" in err
