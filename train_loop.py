@@ -626,14 +626,20 @@ def train_one_epoch(run, epoch, pbar):
     cfg, accelerator, model, optimizer = run.cfg, run.accelerator, run.model, run.optimizer
     batches = epoch_batches(run, epoch)
     model.train()
-    step_loss, micro_batches = 0.0, 0
+    loss_sum, rows = 0.0, 0  # this step's micro-batches so far: the sum of their rows' losses, their rows
     for batch in batches:
         with accelerator.accumulate(model):
             outputs = model(**batch)  # forward: logits (B, num_labels) and the batch-mean cross-entropy
-            accelerator.backward(outputs.loss)  # backward: grads += d(loss / accumulation steps)/dw
-            step_loss += outputs.loss.detach()
-            micro_batches += 1
+            batch_rows = len(batch["labels"])
+            # backward of the rows' summed loss: grads += d(sum of row losses / accumulation steps)/dw.
+            # The step divides by the rows it really holds, so each row weighs the same however many
+            # micro-batches (and rows) its window has: an epoch's last window may be short.
+            accelerator.backward(outputs.loss * batch_rows)
+            loss_sum += outputs.loss.detach() * batch_rows
+            rows += batch_rows
             if accelerator.sync_gradients:  # the last micro-batch of this step: update the weights
+                window_rows = accelerator.reduce(torch.tensor(float(rows), device=accelerator.device), "sum")
+                mean_over_rows(model, accelerator, window_rows)  # the step's gradient: a mean over its rows
                 # --log_layer_grad_norms on a logging step: per-layer norms before clipping, weights before the step
                 watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
                 # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
@@ -648,12 +654,25 @@ def train_one_epoch(run, epoch, pbar):
                 optimizer.zero_grad()
         if accelerator.sync_gradients:  # an optimizer step was taken: count it, then log / evaluate / save
             run.progress.global_step += 1
-            # The mean loss of this step, averaged over processes so every process holds the same window.
-            step_loss = accelerator.reduce(step_loss / micro_batches, reduction="mean")
+            # The mean loss over this step's rows, all processes together: the same on every process.
+            step_loss = accelerator.reduce(loss_sum, reduction="sum") / window_rows
             after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
-            step_loss, micro_batches = 0.0, 0
+            loss_sum, rows = 0.0, 0
             if run.progress.global_step >= run.total_steps:
                 break
+
+
+def mean_over_rows(model, accelerator, window_rows):
+    """Turn the accumulated gradient of summed row losses into the gradient of their mean.
+
+    accelerate's backward divided each micro-batch's loss by the accumulation steps, and several
+    processes average their gradients: so the gradient is the sum over the window's rows divided by
+    steps x processes. Multiplying by steps x processes / rows leaves the mean over the rows.
+    `window_rows` stays on the device: nothing here waits for it.
+    """
+    factor = accelerator.gradient_accumulation_steps * accelerator.num_processes / window_rows
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, factor)  # one fused multiply for all gradients, as clip_grad_norm_ does
 
 
 def epoch_batches(run, epoch):

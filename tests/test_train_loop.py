@@ -12,8 +12,9 @@ from transformers import get_scheduler, pipeline
 
 import model_utils
 import train_loop
-from conftest import (assert_same_weights, crash_then_resume, read_records, reset_accelerate, train_args,
-                      usage_error, without_timings)
+from conftest import (assert_same_weights, crash_then_resume, make_reviews, read_records, reset_accelerate,
+                      train_args, usage_error, without_timings)
+from models import save_tiny_bert
 
 
 def run(tiny_bert, data, out, *extra):
@@ -249,3 +250,33 @@ def test_resume_with_a_different_batch_size_is_refused(tiny_bert, csv_data, tmp_
                                                   "--per_device_train_batch_size", "4",
                                                   "--resume_from_checkpoint", "latest"), capsys)
     assert "per_device_train_batch_size: 8 -> 4" in err
+
+
+def test_accumulation_is_exact_with_a_short_last_window(tmp_path):
+    """Batch 8 x accumulation 2 == batch 16 x accumulation 1 on the same rows, dropout off.
+
+    76 rows: ten micro-batches of 8 (the last holds 4) make windows of 16, 16, 16, 16 and 12 rows;
+    batch 16 gives the same five steps. The last window's gradient must be its 12 rows' mean, not
+    half a 16-row step or a plain average of an 8-row and a 4-row mean.
+    """
+    model = str(save_tiny_bert(tmp_path / "tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    make_reviews(76, seed=7).to_csv(folder / "train.csv", index=False)
+    make_reviews(16, seed=8).to_csv(folder / "test.csv", index=False)
+    runs = {}
+    for batch, accumulation in ((8, 2), (16, 1)):
+        out = tmp_path / f"{batch}x{accumulation}"
+        reset_accelerate()
+        train_loop.main(train_args(model, str(folder), out, "--per_device_train_batch_size", str(batch),
+                                   "--gradient_accumulation_steps", str(accumulation), "--no_group_by_length",
+                                   "--num_train_epochs", "1", "--logging_steps", "1", "--learning_rate", "1e-3",
+                                   "--eval_strategy", "no", "--save_strategy", "no", "--plots", "false"))
+        runs[batch] = ([r for r in read_records(out) if "loss" in r], load_file(f"{out}/model/model.safetensors"))
+    (steps_a, weights_a), (steps_b, weights_b) = runs[8], runs[16]
+    assert len(steps_a) == len(steps_b) == 5
+    for a, b in zip(steps_a, steps_b):
+        assert a["learning_rate"] == b["learning_rate"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
