@@ -7,6 +7,7 @@ names, tokenizer files), so `transformers.pipeline("text-classification", model=
 
 import os
 import platform
+import re
 
 import torch
 from torch import nn
@@ -96,15 +97,27 @@ def save_for_serving(accelerator, model, tokenizer, out_dir):
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         bare = accelerator.unwrap_model(model, keep_torch_compile=False)
-        state_dict = {name.removeprefix(COMPILED_PREFIX): tensor for name, tensor in state_dict.items()}
-        if state_dict.keys() != bare.state_dict().keys():
-            raise RuntimeError(f"the weights to save are not the model's own: {sorted(state_dict)[:3]}...")
+        state_dict = own_names(state_dict)
         bare.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
 
 
-COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule keeps the model as `_orig_mod`
+# The attribute a wrapper keeps the model under, which then stands in every weight's name: DDP's
+# `module.` in front, torch.compile's `_orig_mod.` in front (the whole model compiled) or inside
+# (accelerate's regional compilation compiles each block: bert.embeddings._orig_mod.word_embeddings...).
+WRAPPERS = re.compile(r"(?:^module\.)|(?:(?<=^)|(?<=\.))_orig_mod\.")
+
+
+def own_names(state_dict):
+    """The state_dict with the model's own weight names, whatever wrappers it was read through."""
+    return {own_name(name): tensor for name, tensor in state_dict.items()}
+
+
+def own_name(name):
+    while (bare := WRAPPERS.sub("", name)) != name:  # wrappers inside wrappers: peel until none is left
+        name = bare
+    return name
 
 
 def load_for_inference(model_dir, device="cpu", dtype=torch.float32):

@@ -42,7 +42,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, set_seed
+from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, get_scheduler
@@ -234,8 +234,8 @@ def build_accelerator(cfg):
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_dir=cfg.logging_dir,
         )
-    except ValueError as err:  # e.g. fp16 asked for on a machine without a GPU
-        raise UsageError(f"cannot set up devices/precision: {err} (on CPU use --mixed_precision bf16 or no).") from None
+    except ValueError as err:  # e.g. bf16 on a GPU without it, or a tracker that is not installed
+        raise UsageError(f"cannot set up the accelerator (devices, precision, trackers): {err}") from None
     set_tf32(cfg.tf32, accelerator.device)
     return accelerator
 
@@ -264,7 +264,10 @@ def set_tf32(tf32, device):
             f"--tf32 true needs an NVIDIA GPU of the Ampere generation or newer; this run is on {device}. "
             "Leave --tf32 unset (or false) here.")
     if is_torch_tf32_available():
-        enable_tf32(tf32)
+        enable_tf32(tf32)  # the global fp32 precision; a backend set on its own before keeps its setting,
+        mode = "tf32" if tf32 else "ieee"  # so both GPU backends are set too
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
 
 
 def load_data(cfg):
@@ -515,8 +518,10 @@ def resolve_checkpoint(value, output_dir):
     return value
 
 
-def save_checkpoint(accelerator, cfg, progress):
-    """Model, optimizer, scheduler, RNG and scaler via `save_state`, plus progress and config as JSON.
+def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
+    """Model, optimizer, scheduler, RNG and scaler via `save_state`; progress and our settings as
+    JSON; and the model's config and tokenizer, so that `from_pretrained` and `pipeline()` read the
+    checkpoint as a model folder, as they read Trainer's.
 
     Written to tmp-checkpoint-N and renamed once complete: a crash mid-save leaves no folder
     that `--resume_from_checkpoint latest` could pick.
@@ -529,7 +534,9 @@ def save_checkpoint(accelerator, cfg, progress):
     accelerator.save_state(tmp)  # every process writes its part (its RNG state at least)
     if accelerator.is_main_process:
         write_json(os.path.join(tmp, "training_state.json"), dataclasses.asdict(progress))
-        write_json(os.path.join(tmp, "config.json"), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
+        write_json(os.path.join(tmp, TRAIN_CONFIG), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
+        accelerator.unwrap_model(model, keep_torch_compile=False).config.save_pretrained(tmp)  # config.json
+        tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()  # all parts on disk before the one rename that publishes them
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -545,9 +552,11 @@ def delete_old_checkpoints(output_dir, limit):
         shutil.rmtree(path)
 
 
+TRAIN_CONFIG = "train_config.json"  # our settings; config.json is the model's, as in any model folder
+
+
 def load_checkpoint(accelerator, cfg, path):
-    with open(os.path.join(path, "config.json")) as f:
-        saved = json.load(f)
+    saved = saved_train_config(path)
     current = {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes}
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     require(not changed, f"cannot resume from {path!r}: these settings differ from the checkpoint's "
@@ -555,6 +564,20 @@ def load_checkpoint(accelerator, cfg, path):
     load_state_across_precisions(accelerator, path)
     with open(os.path.join(path, "training_state.json")) as f:
         return Progress(**json.load(f))
+
+
+def saved_train_config(path):
+    """A checkpoint's settings: train_config.json, or config.json in checkpoints written before the
+    checkpoints became model folders (that file then holds our settings, not the model's)."""
+    for name in (TRAIN_CONFIG, "config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                saved = json.load(f)
+            if "model_name_or_path" in saved:
+                return saved
+    raise UsageError(f"cannot resume from {path!r}: it has no {TRAIN_CONFIG} (nor an older config.json with "
+                     "the training settings). Resume from a checkpoint written by train_loop.py.")
 
 
 def load_state_across_precisions(accelerator, path):
@@ -571,6 +594,8 @@ def load_state_across_precisions(accelerator, path):
                               f"needs no loss scaler, so its {SCALER_NAME} is not used.")
         accelerator.load_state(path)
         return
+    require(not accelerator.is_fsdp2, f"cannot resume fp16 under FSDP from {path!r}, saved without fp16: "
+                                      "resume in the checkpoint's precision.")
     accelerator.print(f"note: {path} was saved without fp16 (no {SCALER_NAME}); this fp16 run starts a fresh "
                       f"loss scaler at scale {accelerator.scaler.get_scale():g}.")
     scaler, accelerator.scaler = accelerator.scaler, None  # load_state would read scaler.pt from the folder
@@ -578,6 +603,9 @@ def load_state_across_precisions(accelerator, path):
         accelerator.load_state(path)
     finally:
         accelerator.scaler = scaler
+
+
+
 
 
 def write_json(path, obj):
@@ -610,6 +638,7 @@ class Run:
     progress: Progress
     speedups: list[str] = field(default_factory=list)  # for the banner (cpu_speed.py)
     unread_loss: Optional[torch.Tensor] = None  # step losses summed on the device since progress last read them
+    loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the last step
     last_eval: Optional[dict] = None
     layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
     profiler: Optional[study.StepProfiler] = None  # --profile_steps
@@ -644,10 +673,9 @@ def train_one_epoch(run, epoch, pbar):
                 watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
                 # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                scale = loss_scale(accelerator)
                 optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
                 learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
-                if overflowed(accelerator, scale):  # fp16: inf/nan gradients, the update was skipped
+                if overflowed(run):  # fp16: inf/nan gradients, the update was skipped
                     run.progress.skipped_steps += 1
                 else:  # the schedule advances with the weights only, as in Trainer
                     run.lr_scheduler.step()
@@ -692,19 +720,21 @@ def epoch_batches(run, epoch):
 
 
 def loss_scale(accelerator):
-    """fp16's loss scale before the step (None without a grad scaler: fp32, bf16)."""
+    """fp16's loss scale (None without accelerate's grad scaler: fp32, bf16, DeepSpeed's own fp16)."""
     return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
 
 
-def overflowed(accelerator, scale_before):
-    """Whether fp16's grad scaler found inf/nan gradients in this step, so that the weights did not move.
+def overflowed(run):
+    """Whether this step found inf/nan gradients under fp16, so that the weights did not move.
 
-    Read from the scale: on an overflow the scaler skips the update and halves its scale, and only
-    then. (accelerate's optimizer_step_was_skipped cannot see it with the fused AdamW: the scaler
-    hands the inf/nan check to the fused kernel and calls step() every time.) Reading the scale
-    waits for the GPU once per step, under fp16 only.
+    Read from the scale: on an overflow the grad scaler skips the update and lowers its scale, and
+    only then. accelerate's optimizer_step_was_skipped cannot see that with the fused AdamW: the
+    scaler hands the inf/nan check to the fused kernel and calls step() every time. (It does see
+    DeepSpeed's skips, whose loss scaler is DeepSpeed's own.) Reading the scale waits for the GPU
+    once per step, under fp16 only; the scale before this step is the one read after the last.
     """
-    return scale_before is not None and accelerator.scaler.get_scale() < scale_before
+    scale, run.loss_scale = run.loss_scale, loss_scale(run.accelerator)
+    return run.accelerator.optimizer_step_was_skipped or (scale is not None and run.loss_scale < scale)
 
 
 def layer_stats_due(run):
@@ -767,7 +797,7 @@ def run_evaluation(run):
 
 def checkpoint(run):
     read_losses(run)  # the checkpoint's training_state.json carries the sums so far
-    save_checkpoint(run.accelerator, run.cfg, run.progress)
+    save_checkpoint(run.accelerator, run.cfg, run.progress, run.model, run.tokenizer)
 
 
 def train(run):
@@ -902,6 +932,12 @@ def start_run(cfg, setup):
     """AdamW, the learning-rate schedule and everything prepared for the device and processes; the
     checkpoint loaded when resuming; the logs. Returns the Run the loop works on."""
     accelerator = setup.accelerator
+    # On a CPU accelerate accepts fp16 but sets up neither fp16 autocast nor a loss scaler: the run
+    # would be fp32 while saying fp16.
+    require(accelerator.mixed_precision != "fp16" or accelerator.scaler is not None
+            or accelerator.distributed_type == DistributedType.DEEPSPEED,
+            f"--mixed_precision fp16 needs a GPU (this run is on {accelerator.device}); on a CPU use "
+            "--mixed_precision bf16 or no.")
     optimizer = build_optimizer(setup.model, cfg)
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
     model, optimizer, train_dl = accelerator.prepare(setup.model, optimizer, setup.train_dl)
@@ -920,7 +956,8 @@ def start_run(cfg, setup):
     accelerator.init_trackers("train_loop", config=trackable(cfg))
     log = RunLog(accelerator, JsonLines(accelerator, os.path.join(cfg.output_dir, "log_history.jsonl"), resumed_step))
     run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, setup.tokenizer,
-              len(setup.label_names), steps_per_epoch, total_steps, warmup, num_epochs, log, progress, setup.speedups)
+              len(setup.label_names), steps_per_epoch, total_steps, warmup, num_epochs, log, progress, setup.speedups,
+              loss_scale=loss_scale(accelerator))
     attach_study_tools(run, resumed_step)
     return run
 

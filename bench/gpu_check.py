@@ -138,7 +138,7 @@ def run(args):
     model = run_.accelerator.unwrap_model(run_.model)
     nonembedding = model_utils.count_parameters(model, embeddings=False)
     mean_flops = training_flops(lengths, model.config, nonembedding).mean().item()
-    rate = clock.steps_per_second() * args.batch  # samples/s after the warm-up steps
+    rate = clock.steps_per_second() * run_.global_batch  # samples/s after the warm-up steps
     if not math.isfinite(rate):  # a run too short to leave out a warm-up
         rate = summary["train_samples_per_second"]
     report = {
@@ -203,7 +203,7 @@ if __name__ == "__main__":
     parser.add_argument("--learning_rate", type=float, default=3e-5)
     parser.add_argument("--workers", type=int, default=4, help="data loader worker processes")
     parser.add_argument("--full_epoch", action="store_true", help="one pass over all 25k reviews instead of --steps")
-    parser.add_argument("--smoke", action="store_true", help="make: a tiny model and 200 reviews (CPU try-out)")
+    parser.add_argument("--smoke", action="store_true", help="make: a tiny model and 400 short reviews (CPU try-out)")
     arguments = parser.parse_args()
     with exit_on_usage_error():
         {"make": lambda a: make(a.out, a.smoke), "run": run, "report": lambda a: report(a.out)}[arguments.command](arguments)

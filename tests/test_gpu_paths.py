@@ -23,6 +23,8 @@ from bench import gpu_check
 from conftest import read_records, reset_accelerate, train_args, usage_error
 
 QUICK = ("--eval_strategy", "no", "--save_strategy", "no", "--plots", "false")
+# What is refused or set up by hand on a CPU would be real on a GPU: these tests are for CPU machines.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="reproduces on a CPU what a GPU does natively")
 TEXTS = ["the movie was great and moving", "awful boring plot", "a film", "it was really quite bad and dull"]
 
 
@@ -71,7 +73,7 @@ def test_compiled_model_is_saved_under_its_own_names(how, tiny_bert, csv_data, t
     assert type(run.model).__name__ == "OptimizedModule"  # really compiled
     saved, expected, served, trained = saved_keys_and_predictions(tmp_path, run)
     assert saved == expected and not any(k.startswith("_orig_mod.") for k in saved)
-    assert torch.allclose(served, trained, atol=1e-6)  # pipeline() loads the trained weights, not fresh ones
+    assert torch.allclose(served, trained, atol=1e-5)  # pipeline() loads the trained weights, not fresh ones
 
 
 def test_torch_compile_false_overrides_accelerate_config(tiny_bert, csv_data, tmp_path, monkeypatch, capsys):
@@ -86,6 +88,7 @@ def test_torch_compile_false_overrides_accelerate_config(tiny_bert, csv_data, tm
 # fp16: an overflow step is skipped, reported, and does not advance the schedule
 
 
+@cpu_only
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
 def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(optim, tiny_bert, csv_data, tmp_path):
     run = start(train_args(tiny_bert, csv_data, tmp_path, "--mixed_precision", "fp16", "--optim", optim,
@@ -116,6 +119,7 @@ def test_fp16_overflow_step_is_skipped_and_the_schedule_waits(optim, tiny_bert, 
 # resuming in another precision: allowed, the loss scaler starts fresh or is left unused
 
 
+@cpu_only
 def test_resume_in_fp16_from_a_bf16_checkpoint_and_back(tiny_bert, csv_data, tmp_path, capsys):
     flags = ("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
              "--plots", "false")
@@ -145,10 +149,16 @@ def test_resume_in_fp16_from_a_bf16_checkpoint_and_back(tiny_bert, csv_data, tmp
 # TF32, pinned memory, non-blocking copies
 
 
-def test_tf32_is_refused_where_there_is_none(tiny_bert, csv_data, tmp_path, capsys):
+@cpu_only
+def test_tf32_and_fp16_are_refused_where_there_are_none(tiny_bert, csv_data, tmp_path, capsys):
     err = usage_error(train_loop.main, train_args(tiny_bert, csv_data, tmp_path, "--tf32", "true"), capsys)
     assert "--tf32 true needs an NVIDIA GPU of the Ampere generation or newer; this run is on cpu" in err
     assert not (tmp_path / "results").exists()  # refused before anything was loaded or written
+    reset_accelerate()
+    # accelerate accepts fp16 on a CPU and then runs fp32 (no autocast, no scaler) while saying fp16
+    err = usage_error(train_loop.main, train_args(tiny_bert, csv_data, tmp_path, "--mixed_precision", "fp16"), capsys)
+    assert "--mixed_precision fp16 needs a GPU (this run is on cpu); on a CPU use --mixed_precision bf16 or no." in err
+    assert not (tmp_path / "results").exists()
 
 
 def test_cuda_loaders_pin_memory_and_the_resume_rebuild_keeps_non_blocking(tiny_bert, csv_data, tmp_path):

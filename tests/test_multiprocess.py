@@ -7,15 +7,18 @@ ACCELERATE_USE_CPU=1 starts two that talk over gloo, which is what we want here.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 import train_loop
-from conftest import free_port, read_records, train_args
+from conftest import assert_same_weights, free_port, read_records, train_args, without_timings
 from models import ROOT
 
 
@@ -76,3 +79,22 @@ def test_two_process_training_follows_the_formulas_and_evaluates_every_row_once(
     assert one["confusion_matrix"] == two["confusion_matrix"]
     assert one["eval_accuracy"] == two["eval_accuracy"] and one["eval_f1"] == two["eval_f1"]
     assert one["eval_loss"] == pytest.approx(two["eval_loss"], abs=1e-6)
+
+
+def test_two_process_checkpoints_are_model_folders_and_resume_exactly(tiny_bert, csv_data, tmp_path):
+    """Under DDP the checkpoint holds the model's own weight names and config (from_pretrained reads
+    it), and two processes resume from it to the same logs and weights."""
+    flags = ("--max_steps", "4", "--logging_steps", "1", "--learning_rate", "1e-3", "--save_strategy", "steps",
+             "--save_steps", "2", "--eval_strategy", "no", "--plots", "false")
+    launch_two(str(ROOT / "train_loop.py"), *train_args(tiny_bert, csv_data, tmp_path / "straight", *flags))
+    checkpoint = tmp_path / "straight" / "results" / "checkpoint-2"
+    names = set(load_file(checkpoint / "model.safetensors"))
+    assert not any(name.startswith("module.") for name in names) and "classifier.weight" in names
+    assert AutoModelForSequenceClassification.from_pretrained(checkpoint).config.id2label[1] == "positive"
+
+    shutil.copytree(tmp_path / "straight" / "results", tmp_path / "resumed" / "results")
+    resumed_from = tmp_path / "resumed" / "results" / "checkpoint-2"
+    launch_two(str(ROOT / "train_loop.py"), *train_args(tiny_bert, csv_data, tmp_path / "resumed", *flags,
+                                                        "--resume_from_checkpoint", str(resumed_from)))
+    assert without_timings(read_records(tmp_path / "resumed")) == without_timings(read_records(tmp_path / "straight"))
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")

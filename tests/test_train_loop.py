@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import get_scheduler, pipeline
+from transformers import AutoModelForSequenceClassification, get_scheduler, pipeline
 
 import model_utils
 import train_loop
@@ -236,7 +236,7 @@ def test_checkpoints_are_atomic_and_limited(tiny_bert, csv_data, tmp_path):
     ckpt = out / "checkpoint-15"
     with open(ckpt / "training_state.json") as f:
         assert json.load(f)["global_step"] == 15
-    with open(ckpt / "config.json") as f:
+    with open(ckpt / "train_config.json") as f:
         assert json.load(f)["save_steps"] == 3
     # A save interrupted half-way leaves only a tmp- folder, which `latest` never picks.
     shutil.copytree(ckpt, out / "tmp-checkpoint-99")
@@ -280,3 +280,28 @@ def test_accumulation_is_exact_with_a_short_last_window(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
+
+
+def test_checkpoints_are_model_folders_and_old_ones_still_resume(tiny_bert, csv_data, tmp_path):
+    """from_pretrained and pipeline() read checkpoint-N as Trainer's; a checkpoint written before
+    (our settings in config.json, no tokenizer) resumes too."""
+    flags = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "no")
+    run(tiny_bert, csv_data, tmp_path, *flags)
+    ckpt = tmp_path / "results" / "checkpoint-3"
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    weights = load_file(ckpt / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)  # loaded, not initialised
+    predicted = pipeline("text-classification", model=str(ckpt))(["great wonderful film", "awful boring mess"])
+    assert {p["label"] for p in predicted} <= {"negative", "positive"}
+
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "results", old / "results")
+    old_ckpt = old / "results" / "checkpoint-3"
+    (old_ckpt / "train_config.json").replace(old_ckpt / "config.json")  # the layout before this change
+    for name in os.listdir(old_ckpt):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(old_ckpt / name)
+    reset_accelerate()
+    run(tiny_bert, csv_data, old, *flags, "--resume_from_checkpoint", str(old_ckpt))
+    assert without_timings(train_logs(read_records(old))) == without_timings(train_logs(read_records(tmp_path)))
