@@ -28,21 +28,26 @@ too), progress and logging, evaluation, checkpoints, the loop (`train_one_epoch`
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from accelerate import Accelerator
-from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import (OPTIMIZER_NAME, SCALER_NAME, DataLoaderConfiguration, DistributedType, LoggerType,
+                               set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, get_scheduler
@@ -61,95 +66,123 @@ from metrics import ClassificationMetrics
 # config: TrainingArguments' names and the seed's values, so Trainer users type what they know
 
 
+def flag(default, help, **kwargs):
+    """A config field with its --help text (TrainingArguments' name unless the text says otherwise)."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class TrainConfig:
     # model and data
-    model_name_or_path: str = field(default="bert-base-uncased", metadata={"help": "Hub id or local folder"})
-    dataset_name: str = field(
-        default="imdb", metadata={"help": "Hub id, local folder, or data files: a.csv | train=a.csv,test=b.csv"}
-    )
-    train_split: str = "train"
-    eval_split: Optional[str] = field(default="test", metadata={"help": 'split to evaluate on; "" for none'})
-    text_column: str = "text"
-    label_column: str = "label"
-    max_length: int = field(default=512, metadata={"help": "tokens kept per review; BERT's limit is 512"})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "seeded random subset (cheap runs)"})
-    max_eval_samples: Optional[int] = None
+    model_name_or_path: str = flag("bert-base-uncased", "Hub id or local folder of the pretrained model")
+    dataset_name: str = flag("imdb", "Hub id, local folder, or data files: a.csv | train=a.csv,test=b.csv")
+    train_split: str = flag("train", 'split to train on; slices work: "train[:90%%]"')
+    eval_split: Optional[str] = flag("test", 'split to evaluate on; "" for none')
+    text_column: str = flag("text", "column holding the review text")
+    label_column: str = flag("label", "column holding the label (class names or integers)")
+    max_length: int = flag(512, "tokens kept per review; BERT's limit is 512")
+    max_train_samples: Optional[int] = flag(None, "a seeded random subset of the training split (cheap runs)")
+    max_eval_samples: Optional[int] = flag(None, "a seeded random subset of the evaluation split")
     # where things land
-    output_dir: str = field(default="./results", metadata={"help": "checkpoints, logs as JSON lines, eval results"})
-    logging_dir: str = field(default="./logs", metadata={"help": "TensorBoard event files"})
-    final_model_dir: str = field(default="./fine-tuned-bert", metadata={"help": "model + tokenizer for serving"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker, or none"})
+    output_dir: str = flag("./results", "checkpoints, logs as JSON lines, eval results")
+    logging_dir: str = flag("./logs", "TensorBoard event files, one folder per run (--run_name)")
+    run_name: Optional[str] = flag(None, "the run's name: its TensorBoard folder under logging_dir. Default: "
+                                         "date, time and host, as Trainer's; a resumed run keeps its own")
+    final_model_dir: str = flag("./fine-tuned-bert", "model + tokenizer for serving (not a Trainer flag)")
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": (
+        "accelerate trackers: tensorboard (the default), wandb, mlflow, ..., all or none; several as a list "
+        "or comma-separated")})
     # optimisation: the seed's values, else Trainer's defaults
-    num_train_epochs: float = 3.0
-    max_steps: int = field(default=-1, metadata={"help": "if > 0: total optimizer steps, overrides epochs"})
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = 5e-5
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay, not on biases/LayerNorm"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine, constant, ..."})
-    warmup_steps: float = field(default=0, metadata={"help": "steps of linear warm-up; a float < 1 is a fraction"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the total gradient norm; 0 = no clipping"})
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
-        default=None, metadata={"help": "unset: what `accelerate config` chose"}
-    )
-    seed: int = 42
-    dataloader_num_workers: int = 0
+    num_train_epochs: float = flag(3.0, "passes over the training data (fractions allowed)")
+    max_steps: int = flag(-1, "if > 0: total optimizer steps, overrides --num_train_epochs")
+    per_device_train_batch_size: int = flag(8, "training rows per batch, per process")
+    per_device_eval_batch_size: int = flag(8, "evaluation rows per batch, per process")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step; the step's gradient is "
+                                               "the mean over all their rows")
+    learning_rate: float = flag(5e-5, "AdamW's peak learning rate")
+    weight_decay: float = flag(0.01, "AdamW's decoupled weight decay, not on biases/LayerNorm (Trainer: 0)")
+    adam_beta1: float = flag(0.9, "AdamW's beta1")
+    adam_beta2: float = flag(0.999, "AdamW's beta2")
+    adam_epsilon: float = flag(1e-8, "AdamW's epsilon")
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = flag(
+        "adamw_torch_fused", "AdamW as one fused kernel for all parameters (Trainer's default), or torch's loop")
+    lr_scheduler_type: str = flag("linear", "linear, cosine, constant, constant_with_warmup, polynomial, ...")
+    lr_scheduler_kwargs: Optional[str] = flag(None, 'extra schedule arguments as JSON, e.g. \'{"num_cycles": 2}\'')
+    warmup_steps: float = flag(0, "steps of linear warm-up; a float < 1 is a fraction of all steps")
+    max_grad_norm: float = flag(1.0, "clip the total gradient norm; 0 = no clipping")
+    label_smoothing_factor: float = flag(0.0, "label smoothing of the cross-entropy (0: none)")
+    activation_checkpointing: bool = flag(False, "recompute activations in the backward pass: less memory, "
+                                                 "about a third more compute")
+    gradient_checkpointing: Optional[bool] = flag(None, "old name of --activation_checkpointing, still accepted")
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = flag(
+        None, "accelerate's name for the precision; unset: what `accelerate config` chose")
+    bf16: bool = flag(False, "Trainer's flag: the same as --mixed_precision bf16")
+    fp16: bool = flag(False, "Trainer's flag: the same as --mixed_precision fp16 (GPUs only)")
+    tf32: Optional[bool] = flag(None, "TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs; unset: "
+                                      "torch's default, full fp32. The banner says which")
+    seed: int = flag(42, "seed of the head's initialisation, dropout and the subsets")
+    data_seed: Optional[int] = flag(None, "seed of the training batches' order; default: --seed")
+    # the data loader
+    dataloader_num_workers: int = flag(0, "processes collating batches beside the training process")
+    dataloader_pin_memory: bool = flag(True, "on CUDA: batches in pinned host memory, copied to the GPU "
+                                             "without blocking the CPU")
     # speed: each default measured on CPU, see BENCHMARKS.md
-    group_by_length: bool = field(default=True, metadata={"help": (
-        "batch reviews of similar length (seeded, resumable). Trainer's default is False; ours is True "
-        "because IMDb lengths spread from ~10 to 512 tokens: random batches are largely padding, grouped "
-        "ones almost none, for the same rows, labels and per-epoch shuffle (BENCHMARKS.md)")})
-    attn_implementation: Optional[Literal["sdpa", "eager"]] = field(default=None, metadata={"help": (
-        "attention kernel; unset: the model's default (sdpa)")})
-    torch_compile: Optional[bool] = field(default=None, metadata={"help": (
+    group_by_length: bool = flag(True, (
+        "batch reviews of similar length (seeded, resumable); Trainer 5: --train_sampling_strategy "
+        "group_by_length. On by default, unlike Trainer: IMDb lengths spread from ~10 to 512 tokens, so "
+        "random batches are largely padding, grouped ones almost none (BENCHMARKS.md)"))
+    train_sampling_strategy: Optional[Literal["random", "group_by_length"]] = flag(
+        None, "Trainer 5's name for --group_by_length: random is --group_by_length false")
+    attn_implementation: Optional[Literal["sdpa", "eager"]] = flag(
+        None, "attention kernel; unset: the model's default (sdpa). from_pretrained's argument")
+    torch_compile: Optional[bool] = flag(None, (
         "torch.compile the model. Unset: what `accelerate config` answered (its dynamo backend); true or "
         "false overrides that. The banner says which. On CPU, recompiling for new lengths cost minutes and "
-        "did not pay back (BENCHMARKS.md)")})
-    torch_compile_backend: Optional[str] = field(default=None, metadata={"help": (
-        "torch.compile backend (inductor, eager, ...); setting it turns --torch_compile on")})
-    tf32: Optional[bool] = field(default=None, metadata={"help": (
-        "TF32 tensor cores for fp32 matmuls on Ampere and newer GPUs (Trainer's flag); unset: torch's "
-        "default, full fp32. The banner says which")})
-    dataloader_pin_memory: bool = field(default=True, metadata={"help": (
-        "on CUDA: batches in pinned host memory, copied to the GPU without blocking the CPU")})
-    optim: Literal["adamw_torch_fused", "adamw_torch"] = field(default="adamw_torch_fused", metadata={"help": (
-        "AdamW as one fused kernel for all parameters (Trainer's default), or torch's per-tensor loop")})
-    fast_dropout: bool = field(default=True, metadata={"help": (
-        "CPU training only: draw dropout masks from numpy's PCG64 (seeded from torch's generator) instead "
-        "of torch's bernoulli_. Same Bernoulli masks, drawn several times faster (cpu_speed.py). Off on GPU and "
-        "with --torch_compile; with --attn_implementation eager only the hidden-state dropouts use it")})
-    reuse_cpu_memory: bool = field(default=True, metadata={"help": (
-        "CPU training only: glibc keeps freed tensor memory for the next step instead of mapping fresh "
-        "zero-filled pages for every large tensor (cpu_speed.py); the process then keeps its peak memory")})
+        "did not pay back (BENCHMARKS.md)"))
+    torch_compile_backend: Optional[str] = flag(None, "torch.compile backend (inductor, eager, ...); "
+                                                      "setting it turns --torch_compile on")
+    fast_dropout: bool = flag(True, (
+        "CPU training only (not a Trainer flag): draw dropout masks from numpy's PCG64, seeded from torch's "
+        "generator, instead of torch's bernoulli_: the same Bernoulli masks, drawn several times faster "
+        "(cpu_speed.py). Off on GPU and under torch.compile"))
+    reuse_cpu_memory: bool = flag(True, (
+        "CPU training only (not a Trainer flag): glibc keeps freed tensor memory for the next step instead "
+        "of mapping fresh zero-filled pages for every large tensor (cpu_speed.py)"))
     # logging, evaluation, checkpoints
-    logging_steps: int = field(default=500, metadata={"help": "optimizer steps between log lines"})
-    eval_strategy: Literal["no", "steps", "epoch"] = "epoch"
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "with eval_strategy=steps; default logging_steps"})
-    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
-    save_steps: int = 500
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder or latest"})
-    do_train: bool = field(default=True, metadata={"help": "False: only evaluate --model_name_or_path"})
-    evaluation_strategy: Optional[str] = field(
-        default=None, metadata={"help": "old name of eval_strategy (removed in transformers 5), still accepted"}
-    )
+    logging_strategy: Literal["steps", "epoch", "no"] = flag("steps", "when to write a log line")
+    logging_steps: int = flag(500, "optimizer steps between log lines")
+    logging_first_step: bool = flag(False, "also log step 1: the loss of the untrained head, near ln 2")
+    eval_strategy: Literal["no", "steps", "epoch"] = flag("epoch", "when to evaluate (Trainer: no)")
+    eval_steps: Optional[int] = flag(None, "with --eval_strategy steps; default --logging_steps")
+    eval_on_start: bool = flag(False, "evaluate once before the first step")
+    save_strategy: Literal["no", "steps", "epoch", "best"] = flag(
+        "epoch", "when to save a checkpoint; best: whenever --metric_for_best_model improves (Trainer: steps)")
+    save_steps: int = flag(500, "with --save_strategy steps")
+    save_total_limit: Optional[int] = flag(None, "keep only the newest N checkpoints (and the best one)")
+    save_only_model: bool = flag(False, "checkpoints hold the model only, no optimizer state: smaller, "
+                                        "but cannot be resumed")
+    load_best_model_at_end: bool = flag(False, "end with the best checkpoint's model: it is saved for "
+                                               "serving and evaluated last")
+    metric_for_best_model: Optional[str] = flag(None, "what best means: loss, accuracy, f1, ... (an eval_ "
+                                                      "key, with or without the prefix); default loss")
+    greater_is_better: Optional[bool] = flag(None, "default: true unless the metric is a loss")
+    early_stopping_patience: Optional[int] = flag(None, "stop after this many evaluations without improvement "
+                                                        "of --metric_for_best_model (Trainer's EarlyStoppingCallback)")
+    early_stopping_threshold: float = flag(0.0, "how much better than the best an evaluation must be to count")
+    resume_from_checkpoint: Optional[str] = flag(None, "a checkpoint folder, or latest")
+    do_train: bool = flag(True, "False: only evaluate --model_name_or_path")
+    evaluation_strategy: Optional[str] = flag(None, "old name of --eval_strategy (removed in transformers 5), "
+                                                    "still accepted")
     # study mode (study.py, plots.py): off unless asked for, and then no extra work on other steps
-    log_layer_grad_norms: bool = field(
-        default=False, metadata={"help": "per-layer grad norms and update/weight ratios at each logging step, "
-                                         "to TensorBoard and output_dir/layer_stats.jsonl"})
-    profile_steps: int = field(
-        default=0, metadata={"help": "torch.profiler over this many steps after 3 warm-up steps; "
-                                     "trace in logging_dir/profile, summary printed"})
-    plots: bool = field(default=True, metadata={"help": "training_curves.png and confusion_matrix.png in output_dir"})
+    log_layer_grad_norms: bool = flag(False, "per-layer grad norms and update/weight ratios at each logging "
+                                             "step, to TensorBoard and output_dir/layer_stats.jsonl")
+    profile_steps: int = flag(0, "torch.profiler over this many steps after 3 warm-up steps; trace in "
+                                 "logging_dir/profile, summary printed")
+    plots: bool = flag(True, "training_curves.png and confusion_matrix.png in output_dir")
 
 
 # Changing these between a checkpoint and its resume would change which rows each step sees.
-RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_length", "seed",
+RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_length", "seed", "data_seed",
                      "per_device_train_batch_size", "gradient_accumulation_steps", "num_processes",
                      "group_by_length")
 
@@ -157,14 +190,15 @@ RESUME_MUST_MATCH = ("dataset_name", "train_split", "max_train_samples", "max_le
 def parse_config(argv=None):
     """Flags, or one JSON/YAML file; then validate, before anything heavy happens."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)  # a typo must not silently match a flag
+    parser = build_parser()
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             (cfg,) = parser.parse_json_file(argv[0], allow_extra_keys=False)
         elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
             (cfg,) = parser.parse_yaml_file(argv[0], allow_extra_keys=False)
         else:
-            (cfg,) = parser.parse_args_into_dataclasses(argv)
+            cfg, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+            require(not unknown, unknown_flags_message(unknown, parser))
     except ValueError as err:
         raise UsageError(f"{err}. Run `python train_loop.py --help` for every flag.") from None
     except FileNotFoundError as err:
@@ -172,10 +206,39 @@ def parse_config(argv=None):
     return validate_config(cfg)
 
 
+def build_parser():
+    parser = HfArgumentParser(TrainConfig, allow_abbrev=False)  # a typo must not silently match a flag
+    for action in parser._actions:  # HfArgumentParser gives each --no_X the help of --X
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"the same as --{action.option_strings[0][5:]} false"
+    return parser
+
+
+def unknown_flags_message(unknown, parser):
+    """Which arguments are not flags, each with the closest flag that is (the values after them are left out)."""
+    flags = [option for action in parser._actions for option in action.option_strings]
+    parts = []
+    for i, arg in enumerate(unknown):
+        if not arg.startswith("-") and i > 0 and unknown[i - 1].startswith("-"):
+            continue  # the value of the unknown flag before it
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6) if name.startswith("--") else []
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown argument{'s' if len(parts) > 1 else ''}: {', '.join(parts)}. "
+            "Run `python train_loop.py --help` for every flag.")
+
+
 def validate_config(cfg):
     if cfg.evaluation_strategy is not None:
         print("note: --evaluation_strategy is the old name of --eval_strategy; using it as such.")
         cfg.eval_strategy, cfg.evaluation_strategy = cfg.evaluation_strategy, None
+    if cfg.gradient_checkpointing is not None:
+        print("note: --gradient_checkpointing is the old name of --activation_checkpointing; using it as such.")
+        cfg.activation_checkpointing, cfg.gradient_checkpointing = cfg.gradient_checkpointing, None
+    if cfg.train_sampling_strategy is not None:  # Trainer 5's spelling of our --group_by_length
+        cfg.group_by_length, cfg.train_sampling_strategy = cfg.train_sampling_strategy == "group_by_length", None
+    cfg.mixed_precision = precision_from_trainer_flags(cfg)
+    cfg.report_to = trackers(cfg.report_to)
     cfg.eval_split = cfg.eval_split or None
     for f in dataclasses.fields(cfg):  # Literal choices, also for values from JSON/YAML files
         choices = [c for c in typing.get_args(f.type) if isinstance(c, str)] if "Literal" in str(f.type) else []
@@ -203,9 +266,66 @@ def validate_config(cfg):
             "--eval_split is empty, so there is nothing to evaluate on: also pass --eval_strategy no.")
     require(cfg.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0.")
     require(cfg.profile_steps >= 0, f"--profile_steps must be >= 0 (0: no profiling), not {cfg.profile_steps}.")
+    require(0 <= cfg.label_smoothing_factor < 1, f"--label_smoothing_factor must lie in [0, 1), not {cfg.label_smoothing_factor}.")
+    scheduler_kwargs(cfg)  # valid JSON
+    validate_best_model(cfg)
     if cfg.resume_from_checkpoint:
         cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
     return cfg
+
+
+def precision_from_trainer_flags(cfg):
+    """Trainer's --bf16 / --fp16 are accelerate's --mixed_precision bf16 / fp16; one precision only."""
+    require(not (cfg.bf16 and cfg.fp16), "--bf16 and --fp16 both set: choose one precision.")
+    asked = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else None
+    require(asked is None or cfg.mixed_precision in (None, asked),
+            f"--{asked} contradicts --mixed_precision {cfg.mixed_precision}: set one of them.")
+    return asked or cfg.mixed_precision
+
+
+def trackers(report_to):
+    """--report_to as a list of accelerate tracker names: a list, a comma list, "all" or "none"."""
+    names = [n.strip() for item in ([report_to] if isinstance(report_to, str) else report_to or [])
+             for n in item.split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    known = [t.value for t in LoggerType]
+    unknown = [n for n in names if n not in known]
+    require(not unknown, f"--report_to {', '.join(unknown)}: unknown; use any of {known} or none.")
+    return names
+
+
+def scheduler_kwargs(cfg):
+    """--lr_scheduler_kwargs as a dict (Trainer takes the same JSON)."""
+    if not cfg.lr_scheduler_kwargs:
+        return {}
+    try:
+        kwargs = json.loads(cfg.lr_scheduler_kwargs)
+    except ValueError as err:
+        raise UsageError(f"--lr_scheduler_kwargs is not valid JSON ({err}): write e.g. '{{\"num_cycles\": 2}}'.") from None
+    require(isinstance(kwargs, dict), "--lr_scheduler_kwargs must be a JSON object, e.g. '{\"power\": 2.0}'.")
+    return kwargs
+
+
+def validate_best_model(cfg):
+    """--load_best_model_at_end, --save_strategy best and early stopping need evaluations, and a metric."""
+    wants_best = cfg.load_best_model_at_end or cfg.save_strategy == "best" or cfg.early_stopping_patience
+    if not wants_best:
+        return
+    require(cfg.eval_strategy != "no", "--load_best_model_at_end, --save_strategy best and "
+                                       "--early_stopping_patience compare evaluations: set --eval_strategy steps or epoch.")
+    metric = cfg.metric_for_best_model or "loss"
+    cfg.metric_for_best_model = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if cfg.greater_is_better is None:
+        cfg.greater_is_better = not cfg.metric_for_best_model.endswith("loss")
+    if cfg.load_best_model_at_end and cfg.save_strategy != "best":  # Trainer's rule: the best must have been saved
+        require(cfg.save_strategy == cfg.eval_strategy,
+                f"--load_best_model_at_end needs a checkpoint at every evaluation: --save_strategy "
+                f"{cfg.eval_strategy} (or best), not {cfg.save_strategy}.")
+        require(cfg.eval_strategy != "steps" or cfg.save_steps % (cfg.eval_steps or cfg.logging_steps) == 0,
+                "--load_best_model_at_end with steps: --save_steps must be a multiple of --eval_steps.")
+    require(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
+            "--early_stopping_patience must be a positive number of evaluations.")
 
 
 def require(condition, message):
@@ -225,19 +345,28 @@ def build_accelerator(cfg):
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             # Every process shuffles with the same seed, so together they cover each row once per epoch.
             # non_blocking: host-to-GPU copies from pinned memory are queued, not waited for.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(cfg),
                                                       non_blocking=cfg.dataloader_pin_memory),
             # We step the schedule once per optimizer step ourselves. Left linked, accelerate steps it
             # once per process per optimizer step, and a 2-process run would decay twice as fast.
             step_scheduler_with_optimizer=False,
             dynamo_backend=compile_backend(cfg) or "no",  # prepare() compiles the model; "no" overrides the env
-            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            log_with=cfg.report_to or None,
             project_dir=cfg.logging_dir,
         )
     except ValueError as err:  # e.g. bf16 on a GPU without it, or a tracker that is not installed
         raise UsageError(f"cannot set up the accelerator (devices, precision, trackers): {err}") from None
     set_tf32(cfg.tf32, accelerator.device)
+    available = {str(getattr(tracker, "value", tracker)) for tracker in accelerator.log_with}
+    missing = [name for name in cfg.report_to if name != "all" and name not in available]
+    require(not missing, f"--report_to {', '.join(missing)}: not installed here, so nothing would be logged there. "
+                         f"Install it (pip install {' '.join(missing)}) or leave it out of --report_to.")
     return accelerator
+
+
+def data_seed(cfg):
+    """The seed of the training batches' order: --data_seed, else --seed (as in Trainer)."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
 
 
 def compile_backend(cfg):
@@ -322,6 +451,8 @@ def build(cfg, wrap_collator=None):
     model = model_utils.load_model(cfg.model_name_or_path, label_names, cfg.attn_implementation)
     require(cfg.max_length <= model.config.max_position_embeddings,
             f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions.")
+    if cfg.activation_checkpointing:  # recompute each layer's activations in the backward pass
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     speedups = []
     if cfg.do_train and accelerator.device.type == "cpu":
         speedups = speed_up_cpu_training(cfg, model, accelerator)
@@ -330,7 +461,7 @@ def build(cfg, wrap_collator=None):
         collator = wrap_collator(collator)
     train_dl, eval_dl = data.build_dataloaders(
         train_ds, eval_ds, collator, cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size,
-        cfg.seed, cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
+        data_seed(cfg), cfg.dataloader_num_workers, cfg.group_by_length, accelerator.num_processes,
         pin_memory=pins_memory(cfg, accelerator.device),
     )
     return Setup(accelerator, tokenizer, model, label_names, train_ds, eval_ds, train_dl, eval_dl, speedups)
@@ -388,6 +519,9 @@ class Progress:
     window_steps: int = 0
     total_loss: float = 0.0  # sum of all step losses, for train_loss
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed, so the weights did not move
+    best_metric: Optional[float] = None  # --metric_for_best_model's best value so far
+    best_checkpoint: Optional[str] = None  # the checkpoint saved at that evaluation
+    evals_without_improvement: int = 0  # early stopping's count
 
 
 class JsonLines:
@@ -449,7 +583,7 @@ def log_record(progress, grad_norm, learning_rate, steps_per_epoch):
 # evaluation
 
 
-def evaluate(model, dataloader, accelerator, num_labels):
+def evaluate(model, dataloader, accelerator, num_labels, label_smoothing=0.0):
     """Loss and metrics over every evaluation row exactly once, whatever the number of processes;
     returns (results, confusion matrix, predictions in dataset order).
 
@@ -461,11 +595,13 @@ def evaluate(model, dataloader, accelerator, num_labels):
     model.eval()
     start = time.perf_counter()
     per_batch = []  # (rows, losses, predictions, labels) of each batch, all processes', kept on the device
+    bar = tqdm(dataloader, desc="Evaluating", leave=False, disable=not accelerator.is_local_main_process)
     with torch.inference_mode():  # no autograd records at all: cheaper than no_grad
-        for batch in dataloader:
+        for batch in bar:
             labels, row = batch.pop("labels"), batch.pop("row")
             logits = model(**batch).logits  # (B, num_labels)
-            loss = F.cross_entropy(logits.float(), labels, reduction="none")  # (B,) one loss per row
+            # (B,) one loss per row; with --label_smoothing_factor the smoothed loss, as Trainer reports it
+            loss = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
             per_batch.append(accelerator.gather_for_metrics((row, loss, logits.argmax(dim=-1), labels)))
     # One copy to the host at the end: a copy per batch would make the CPU wait for the GPU each time.
     rows, row_losses, predictions, references = (torch.cat(columns).cpu() for columns in zip(*per_batch))
@@ -526,12 +662,15 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     Written to tmp-checkpoint-N and renamed once complete: a crash mid-save leaves no folder
     that `--resume_from_checkpoint latest` could pick.
     """
-    final = os.path.join(cfg.output_dir, f"checkpoint-{progress.global_step}")
+    final = checkpoint_path(cfg, progress.global_step)
     tmp = os.path.join(cfg.output_dir, f"tmp-checkpoint-{progress.global_step}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # every process writes its part (its RNG state at least)
+    if cfg.save_only_model:  # weights, config and tokenizer only: a model folder that cannot be resumed
+        model_utils.save_for_serving(accelerator, model, tokenizer, tmp)
+    else:
+        accelerator.save_state(tmp)  # every process writes its part (its RNG state at least)
     if accelerator.is_main_process:
         write_json(os.path.join(tmp, "training_state.json"), dataclasses.asdict(progress))
         write_json(os.path.join(tmp, TRAIN_CONFIG), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
@@ -541,15 +680,21 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        delete_old_checkpoints(cfg.output_dir, cfg.save_total_limit)
+        delete_old_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=progress.best_checkpoint)
     accelerator.wait_for_everyone()
 
 
-def delete_old_checkpoints(output_dir, limit):
+def checkpoint_path(cfg, step):
+    return os.path.join(cfg.output_dir, f"checkpoint-{step}")
+
+
+def delete_old_checkpoints(output_dir, limit, keep=None):
+    """--save_total_limit: the newest `limit` checkpoints stay, and the best one (Trainer's rule)."""
     if limit is None:
         return
     for path in list_checkpoints(output_dir)[:-limit]:
-        shutil.rmtree(path)
+        if path != keep:
+            shutil.rmtree(path)
 
 
 TRAIN_CONFIG = "train_config.json"  # our settings; config.json is the model's, as in any model folder
@@ -561,6 +706,9 @@ def load_checkpoint(accelerator, cfg, path):
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     require(not changed, f"cannot resume from {path!r}: these settings differ from the checkpoint's "
                          f"({'; '.join(changed)}). Resume with the original settings.")
+    require(os.path.isfile(os.path.join(path, OPTIMIZER_NAME + ".bin")),
+            f"cannot resume from {path!r}: it was saved with --save_only_model, so it holds no optimizer, "
+            f"schedule or random state. Start a new run from its weights with --model_name_or_path {path}.")
     load_state_across_precisions(accelerator, path)
     with open(os.path.join(path, "training_state.json")) as f:
         return Progress(**json.load(f))
@@ -639,6 +787,8 @@ class Run:
     speedups: list[str] = field(default_factory=list)  # for the banner (cpu_speed.py)
     unread_loss: Optional[torch.Tensor] = None  # step losses summed on the device since progress last read them
     loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the last step
+    last_step: Optional[dict] = None  # the last step's grad_norm and learning_rate, for the next log line
+    stop_reason: Optional[str] = None  # set when early stopping ends the run
     last_eval: Optional[dict] = None
     layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
     profiler: Optional[study.StepProfiler] = None  # --profile_steps
@@ -659,12 +809,13 @@ def train_one_epoch(run, epoch, pbar):
     for batch in batches:
         with accelerator.accumulate(model):
             outputs = model(**batch)  # forward: logits (B, num_labels) and the batch-mean cross-entropy
+            loss = outputs.loss if not cfg.label_smoothing_factor else smoothed_loss(outputs.logits, batch, cfg)
             batch_rows = len(batch["labels"])
             # backward of the rows' summed loss: grads += d(sum of row losses / accumulation steps)/dw.
             # The step divides by the rows it really holds, so each row weighs the same however many
             # micro-batches (and rows) its window has: an epoch's last window may be short.
-            accelerator.backward(outputs.loss * batch_rows)
-            loss_sum += outputs.loss.detach() * batch_rows
+            accelerator.backward(loss * batch_rows)
+            loss_sum += loss.detach() * batch_rows
             rows += batch_rows
             if accelerator.sync_gradients:  # the last micro-batch of this step: update the weights
                 window_rows = accelerator.reduce(torch.tensor(float(rows), device=accelerator.device), "sum")
@@ -686,8 +837,14 @@ def train_one_epoch(run, epoch, pbar):
             step_loss = accelerator.reduce(loss_sum, reduction="sum") / window_rows
             after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
             loss_sum, rows = 0.0, 0
-            if run.progress.global_step >= run.total_steps:
+            if run.progress.global_step >= run.total_steps or run.stop_reason:
                 break
+
+
+def smoothed_loss(logits, batch, cfg):
+    """--label_smoothing_factor e: the cross-entropy against (1 - e) on the true class plus e spread
+    over all classes, which is what Trainer's LabelSmoother computes."""
+    return F.cross_entropy(logits.float(), batch["labels"], label_smoothing=cfg.label_smoothing_factor)
 
 
 def mean_over_rows(model, accelerator, window_rows):
@@ -749,25 +906,38 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
     cfg, progress = run.cfg, run.progress
     run.unread_loss = step_loss if run.unread_loss is None else run.unread_loss + step_loss
     progress.window_steps += 1
+    run.last_step = {"grad_norm": grad_norm, "learning_rate": learning_rate}
     pbar.update(1)
-    if progress.global_step % cfg.logging_steps == 0:
-        read_losses(run)
-        record = log_record(progress, float(grad_norm), learning_rate, run.steps_per_epoch)
-        if run.accelerator.scaler is not None:  # fp16: how many steps overflowed so far
-            record["skipped_steps"] = progress.skipped_steps
-        run.log.write(record, progress.global_step)
-        pbar.set_postfix(loss=record["loss"])
-        progress.window_loss, progress.window_steps = 0.0, 0
+    if log_due(cfg, progress.global_step):
+        write_log_line(run, pbar)
         if watch is not None:
             run.layer_log.write(watch, progress.global_step)
-    if cfg.eval_strategy == "steps" and progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0:
+    evaluated = cfg.eval_strategy == "steps" and progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0
+    if evaluated:
         run_evaluation(run)
-    if cfg.save_strategy == "steps" and progress.global_step % cfg.save_steps == 0:
+    if cfg.save_strategy == "steps" and progress.global_step % cfg.save_steps == 0 or best_save_due(run, evaluated):
         checkpoint(run)
     if run.profiler is not None:
         run.profiler.step()
     for hook in run.step_hooks:
         hook(run)
+
+
+def log_due(cfg, step):
+    """--logging_strategy steps: every --logging_steps; --logging_first_step: step 1 too (Trainer's rules)."""
+    return (cfg.logging_strategy == "steps" and step % cfg.logging_steps == 0) or (cfg.logging_first_step and step == 1)
+
+
+def write_log_line(run, pbar):
+    """The seed's log line for the steps since the last one."""
+    progress = run.progress
+    read_losses(run)
+    record = log_record(progress, float(run.last_step["grad_norm"]), run.last_step["learning_rate"], run.steps_per_epoch)
+    if run.accelerator.scaler is not None:  # fp16: how many steps overflowed so far
+        record["skipped_steps"] = progress.skipped_steps
+    run.log.write(record, progress.global_step)
+    pbar.set_postfix(loss=record["loss"])
+    progress.window_loss, progress.window_steps = 0.0, 0
 
 
 def read_losses(run):
@@ -781,22 +951,61 @@ def read_losses(run):
         run.unread_loss = None
 
 
-def end_of_epoch(run):
-    if run.cfg.eval_strategy == "epoch":
+def end_of_epoch(run, pbar):
+    cfg = run.cfg
+    if cfg.logging_strategy == "epoch" and run.progress.window_steps:
+        write_log_line(run, pbar)
+    evaluated = cfg.eval_strategy == "epoch"
+    if evaluated:
         run_evaluation(run)
-    if run.cfg.save_strategy == "epoch":
+    if cfg.save_strategy == "epoch" or best_save_due(run, evaluated):
         checkpoint(run)
 
 
-def run_evaluation(run):
-    results, confusion, _ = evaluate(run.model, run.eval_dl, run.accelerator, run.num_labels)
+def run_evaluation(run, compare=True):
+    """Evaluate, log, and (compare=True) hold the result against the best so far: --load_best_model_at_end,
+    --save_strategy best and early stopping all read it."""
+    results, confusion, _ = evaluate(run.model, run.eval_dl, run.accelerator, run.num_labels,
+                                     run.cfg.label_smoothing_factor)
     results["epoch"] = round(run.progress.global_step / run.steps_per_epoch, 2)
     run.log.write(results, run.progress.global_step)
-    run.last_eval = {"step": run.progress.global_step, "results": results, "confusion_matrix": confusion}
+    new_best = compare and run.cfg.metric_for_best_model is not None and compare_with_best(run, results)
+    run.last_eval = {"step": run.progress.global_step, "results": results, "confusion_matrix": confusion,
+                     "new_best": new_best}
+
+
+def compare_with_best(run, results):
+    """Trainer's rules. Early stopping counts evaluations that do not beat the best so far by more than
+    --early_stopping_threshold; the best is then replaced by any strictly better value. Returns
+    whether this evaluation is the new best."""
+    cfg, progress = run.cfg, run.progress
+    metric_name = cfg.metric_for_best_model
+    if metric_name not in results:
+        raise UsageError(f"--metric_for_best_model {metric_name} is not among the evaluation's results "
+                         f"({', '.join(k for k in results if k.startswith('eval_'))}).")
+    value, best = results[metric_name], progress.best_metric
+    better = best is None or (value > best if cfg.greater_is_better else value < best)
+    if better and (best is None or abs(value - best) > cfg.early_stopping_threshold):
+        progress.evals_without_improvement = 0
+    else:
+        progress.evals_without_improvement += 1
+    if cfg.early_stopping_patience and progress.evals_without_improvement >= cfg.early_stopping_patience:
+        run.stop_reason = (f"early stopping: {metric_name} has not improved on {progress.best_metric:.4g} "
+                           f"in {progress.evals_without_improvement} evaluations")
+    if better:
+        progress.best_metric = value
+    return better
+
+
+def best_save_due(run, evaluated):
+    """--save_strategy best: a checkpoint whenever this step's evaluation is the best so far."""
+    return run.cfg.save_strategy == "best" and evaluated and run.last_eval["new_best"]
 
 
 def checkpoint(run):
     read_losses(run)  # the checkpoint's training_state.json carries the sums so far
+    if run.last_eval and run.last_eval["step"] == run.progress.global_step and run.last_eval["new_best"]:
+        run.progress.best_checkpoint = checkpoint_path(run.cfg, run.progress.global_step)
     save_checkpoint(run.accelerator, run.cfg, run.progress, run.model, run.tokenizer)
 
 
@@ -806,11 +1015,17 @@ def train(run):
     first_step = run.progress.global_step
     first_epoch = first_step // run.steps_per_epoch
     pbar = tqdm(total=run.total_steps, initial=first_step, disable=not run.accelerator.is_local_main_process)
+    if run.cfg.eval_on_start and first_step == 0 and run.eval_dl is not None:
+        run_evaluation(run, compare=False)  # the untrained head's metrics, logged at step 0
     for epoch in range(first_epoch, run.num_epochs):
         train_one_epoch(run, epoch, pbar)
         if run.progress.global_step % run.steps_per_epoch == 0 or run.progress.global_step == run.total_steps:
-            end_of_epoch(run)
+            end_of_epoch(run, pbar)
+        if run.stop_reason:
+            break
     pbar.close()
+    if run.stop_reason:
+        run.accelerator.print(f"{run.stop_reason}; stopped at step {run.progress.global_step:,}.")
     read_losses(run)
     runtime = time.perf_counter() - start
     steps = run.progress.global_step - first_step
@@ -830,6 +1045,9 @@ def finish(run, summary):
         run.profiler.close()  # a run shorter than the profiling window: save what was recorded
     run.log.write(summary, run.progress.global_step)
     final = None
+    if cfg.load_best_model_at_end and run.progress.best_checkpoint:
+        load_best_model(run)
+        run_evaluation(run, compare=False)  # the final evaluation is the best model's
     if run.eval_dl is not None:
         if run.last_eval is None or run.last_eval["step"] != run.progress.global_step:
             run_evaluation(run)  # no evaluation at the last step yet: run one now
@@ -842,6 +1060,15 @@ def finish(run, summary):
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final
+
+
+def load_best_model(run):
+    """--load_best_model_at_end: the weights of the checkpoint with the best --metric_for_best_model."""
+    path = run.progress.best_checkpoint
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    run.accelerator.unwrap_model(run.model, keep_torch_compile=False).load_state_dict(weights)
+    run.accelerator.print(f"loaded the best model, {run.cfg.metric_for_best_model} {run.progress.best_metric:.4g}, "
+                          f"from {path}")
 
 
 def report_evaluation(accelerator, cfg, results, confusion_matrix, num_rows):
@@ -858,7 +1085,7 @@ def evaluate_only(cfg, setup):
     """`--do_train False`: one evaluation of the given model, e.g. --model_name_or_path ./fine-tuned-bert."""
     accelerator = setup.accelerator
     model, eval_dl = accelerator.prepare(setup.model, setup.eval_dl)
-    results, confusion, _ = evaluate(model, eval_dl, accelerator, len(setup.label_names))
+    results, confusion, _ = evaluate(model, eval_dl, accelerator, len(setup.label_names), cfg.label_smoothing_factor)
     return report_evaluation(accelerator, cfg, results, confusion, num_rows=len(eval_dl.dataset))
 
 
@@ -944,7 +1171,8 @@ def start_run(cfg, setup):
     eval_dl = accelerator.prepare(setup.eval_dl) if setup.eval_dl is not None else None
     steps_per_epoch, total_steps, warmup, num_epochs = schedule_lengths(cfg, len(train_dl))
     lr_scheduler = accelerator.prepare(get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+        scheduler_specific_kwargs=scheduler_kwargs(cfg),
     ))
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -953,7 +1181,8 @@ def start_run(cfg, setup):
     if cfg.resume_from_checkpoint:
         progress = load_checkpoint(accelerator, cfg, cfg.resume_from_checkpoint)
         resumed_step = progress.global_step
-    accelerator.init_trackers("train_loop", config=trackable(cfg))
+    cfg.run_name = cfg.run_name or resumed_run_name(cfg) or default_run_name()
+    accelerator.init_trackers(cfg.run_name, config=trackable(cfg))  # TensorBoard: logging_dir/<run_name>
     log = RunLog(accelerator, JsonLines(accelerator, os.path.join(cfg.output_dir, "log_history.jsonl"), resumed_step))
     run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, setup.tokenizer,
               len(setup.label_names), steps_per_epoch, total_steps, warmup, num_epochs, log, progress, setup.speedups,
@@ -971,6 +1200,17 @@ def attach_study_tools(run, resumed_step=None):
     if cfg.profile_steps:
         run.profiler = study.StepProfiler(run.model, cfg.profile_steps, os.path.join(cfg.logging_dir, "profile"),
                                           os.path.join(cfg.output_dir, "profile_summary.txt"), accelerator)
+
+
+def default_run_name():
+    """As Trainer names runs: month, day, time and host, plus milliseconds, so two runs never share one."""
+    now = datetime.now()
+    return f"{now:%b%d_%H-%M-%S}.{now.microsecond // 1000:03d}_{socket.gethostname()}"
+
+
+def resumed_run_name(cfg):
+    """A resumed run continues its own TensorBoard run (checkpoints written before run names had none)."""
+    return saved_train_config(cfg.resume_from_checkpoint).get("run_name") if cfg.resume_from_checkpoint else None
 
 
 def trackable(cfg):

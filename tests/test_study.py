@@ -242,7 +242,7 @@ def test_layer_grad_norms_reach_tensorboard(runs):
 
     _, on = runs
     tags = set()
-    for folder, _, files in os.walk(on.parent / "logs" / "train_loop"):
+    for folder, _, files in os.walk(on.parent / "logs"):  # logging_dir/<run_name>
         if any(f.startswith("events.out.tfevents") for f in files):
             tags |= set(EventAccumulator(folder).Reload().Tags()["scalars"])
     assert {"layer_grad_norm/layer.0", "layer_update_ratio/classifier", "train/loss"} <= tags

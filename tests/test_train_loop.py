@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -58,7 +59,7 @@ def test_config_from_json_and_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--learning_rat", "1e-4"], "not used by the HfArgumentParser"),
+    (["--learning_rat", "1e-4"], "unknown argument: --learning_rat (did you mean --learning_rate?)"),
     (["--eval_strategy", "sometimes"], "invalid choice"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
     (["--warmup_steps", "2.5"], "whole number of steps or a fraction"),
@@ -197,17 +198,23 @@ def test_bf16_autocast_on_cpu(tiny_bert, csv_data, tmp_path):
     assert batch["input_ids"].shape == (2, 16)
 
 
-def test_tensorboard_events_are_written(tiny_bert, csv_data, tmp_path):
-    run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "1", "--logging_steps", "2", "--save_strategy", "no",
-        "--report_to", "tensorboard")  # the last flag wins over train_args' --report_to none
+def test_tensorboard_events_are_written_one_folder_per_run(tiny_bert, csv_data, tmp_path):
+    flags = ("--num_train_epochs", "1", "--logging_steps", "2", "--save_strategy", "no",
+             "--report_to", "tensorboard")  # the last flag wins over train_args' --report_to none
+    run(tiny_bert, csv_data, tmp_path, *flags)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "logs" / "train_loop"
+    (run_dir,) = (tmp_path / "logs").iterdir()  # logging_dir/<run_name>, named by date, time and host
+    assert re.fullmatch(r"[A-Z][a-z]{2}\d\d_\d\d-\d\d-\d\d\.\d{3}_.+", run_dir.name)
     events = EventAccumulator(str(run_dir)).Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
     assert losses == pytest.approx([r["loss"] for r in train_logs(read_records(tmp_path))], abs=1e-4)
     assert [e.step for e in events.Scalars("eval/accuracy")] == [8]
+    reset_accelerate()
+    run(tiny_bert, csv_data, tmp_path, *flags, "--run_name", "second")  # a second run: a folder of its own
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == sorted([run_dir.name, "second"])
+    assert len(EventAccumulator(str(run_dir)).Reload().Scalars("train/loss")) == 4  # the first run's, untouched
 
 
 # -----------------------------------------------------------------------------
