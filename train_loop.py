@@ -34,8 +34,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +172,8 @@ class TrainConfig:
                                                         "of --metric_for_best_model (Trainer's EarlyStoppingCallback)")
     early_stopping_threshold: float = flag(0.0, "how much better than the best an evaluation must be to count")
     resume_from_checkpoint: Optional[str] = flag(None, "a checkpoint folder, or latest")
+    enable_jit_checkpoint: bool = flag(True, "on SIGTERM, SIGINT or SIGUSR1: finish the step, save a checkpoint, "
+                                             "exit (Trainer 5's flag; on by default here)")
     do_train: bool = flag(True, "False: only evaluate --model_name_or_path")
     evaluation_strategy: Optional[str] = flag(None, "old name of --eval_strategy (removed in transformers 5), "
                                                     "still accepted")
@@ -789,6 +793,8 @@ class Run:
     loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the last step
     last_step: Optional[dict] = None  # the last step's grad_norm and learning_rate, for the next log line
     stop_reason: Optional[str] = None  # set when early stopping ends the run
+    stop_request: Optional["StopRequest"] = None  # signals, agreed on by every process
+    last_saved_step: Optional[int] = None
     last_eval: Optional[dict] = None
     layer_log: Optional[study.LayerLog] = None  # --log_layer_grad_norms
     profiler: Optional[study.StepProfiler] = None  # --profile_steps
@@ -839,6 +845,8 @@ def train_one_epoch(run, epoch, pbar):
             loss_sum, rows = 0.0, 0
             if run.progress.global_step >= run.total_steps or run.stop_reason:
                 break
+            if run.progress.global_step % run.steps_per_epoch:  # an epoch's last step: train() checks after it
+                stop_if_asked(run)
 
 
 def smoothed_loss(logits, batch, cfg):
@@ -1002,8 +1010,75 @@ def best_save_due(run, evaluated):
     return run.cfg.save_strategy == "best" and evaluated and run.last_eval["new_best"]
 
 
+def stop_if_asked(run):
+    """At a step boundary: if a stop signal came (to any process), save a checkpoint here and raise
+    Stopped. Every process calls this at the same steps, and they agree on the answer, so all stop
+    at the same step and the checkpoint is consistent."""
+    name = run.stop_request.agreed()
+    if name is None:
+        return
+    step = run.progress.global_step
+    saved = run.cfg.enable_jit_checkpoint
+    if saved and run.last_saved_step != step:
+        checkpoint(run)
+    run.accelerator.end_training()
+    how = ("resume with --resume_from_checkpoint latest" if saved or run.last_saved_step else
+           "no checkpoint saved (--enable_jit_checkpoint false)")
+    run.accelerator.print(f"stopped at step {step} on {name}; {how}", flush=True)
+    raise Stopped(name)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal, at a step boundary. Exit code: 128 + the signal's number, as a
+    process killed by it would have (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1)."""
+
+    def __init__(self, signal_name):
+        super().__init__(signal_name)
+        self.exit_code = 128 + signal.Signals[signal_name].value
+
+
+class StopRequest:
+    """SIGTERM (preemption, scancel, kubectl delete), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
+    --signal warning) ask the loop to stop at the next step boundary; a second SIGINT stops at once.
+
+    With several processes each may get its signal at a different moment, so at each step boundary
+    they agree: a max all-reduce of one integer over a CPU (gloo) group, which never waits for the GPU.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, accelerator):
+        self.signal = None  # the first stop signal received by this process, as a number
+        self.previous = {}
+        distributed = accelerator.num_processes > 1 and torch.distributed.is_initialized()
+        self.group = torch.distributed.new_group(backend="gloo") if distributed else None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        self.signal = self.signal or signum
+
+    def agreed(self):
+        """The stop signal's name if any process got one, else None."""
+        flag = torch.tensor([self.signal or 0], dtype=torch.int32)
+        if self.group is not None:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return signal.Signals(int(flag)).name if int(flag) else None
+
+
 def checkpoint(run):
     read_losses(run)  # the checkpoint's training_state.json carries the sums so far
+    run.last_saved_step = run.progress.global_step
     if run.last_eval and run.last_eval["step"] == run.progress.global_step and run.last_eval["new_best"]:
         run.progress.best_checkpoint = checkpoint_path(run.cfg, run.progress.global_step)
     save_checkpoint(run.accelerator, run.cfg, run.progress, run.model, run.tokenizer)
@@ -1017,12 +1092,14 @@ def train(run):
     pbar = tqdm(total=run.total_steps, initial=first_step, disable=not run.accelerator.is_local_main_process)
     if run.cfg.eval_on_start and first_step == 0 and run.eval_dl is not None:
         run_evaluation(run, compare=False)  # the untrained head's metrics, logged at step 0
-    for epoch in range(first_epoch, run.num_epochs):
-        train_one_epoch(run, epoch, pbar)
-        if run.progress.global_step % run.steps_per_epoch == 0 or run.progress.global_step == run.total_steps:
-            end_of_epoch(run, pbar)
-        if run.stop_reason:
-            break
+    with run.stop_request:  # SIGTERM, SIGINT, SIGUSR1: stop at the next step boundary
+        for epoch in range(first_epoch, run.num_epochs):
+            train_one_epoch(run, epoch, pbar)
+            if run.progress.global_step % run.steps_per_epoch == 0 or run.progress.global_step == run.total_steps:
+                end_of_epoch(run, pbar)
+            if run.stop_reason:
+                break
+            stop_if_asked(run)
     pbar.close()
     if run.stop_reason:
         run.accelerator.print(f"{run.stop_reason}; stopped at step {run.progress.global_step:,}.")
@@ -1134,7 +1211,10 @@ def main(argv=None):
     """The command line: flags (or a config file) in, the final evaluation out."""
     with exit_on_usage_error():
         cfg = parse_config(argv)
-        _, final = run_training(cfg)
+        try:
+            _, final = run_training(cfg)
+        except Stopped as stop:  # a signal: the checkpoint is saved and the line printed
+            sys.exit(stop.exit_code)
         return final
 
 
@@ -1188,6 +1268,7 @@ def start_run(cfg, setup):
               len(setup.label_names), steps_per_epoch, total_steps, warmup, num_epochs, log, progress, setup.speedups,
               loss_scale=loss_scale(accelerator))
     attach_study_tools(run, resumed_step)
+    run.stop_request = StopRequest(accelerator)
     return run
 
 

@@ -1,0 +1,104 @@
+"""Preemption and Ctrl-C, with real processes and real signals: a stop request finishes the step,
+saves a checkpoint at that step boundary, exits with 128 + the signal's number, and the run resumed
+from that checkpoint ends exactly as one never interrupted (weights bit for bit, the same logs)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import train_loop
+from conftest import assert_same_weights, free_port, read_records, train_args, without_timings
+from models import ROOT
+
+LONG = ("--num_train_epochs", "12", "--logging_steps", "1", "--save_strategy", "no", "--plots", "false")  # 96 steps
+
+
+def start(command, out):
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": str(ROOT)})
+
+
+def wait_for_steps(process, out, steps, timeout=120):
+    """Until the run has logged `steps` training steps (it is then mid-training)."""
+    deadline = time.monotonic() + timeout
+    path = out / "results" / "log_history.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and sum('"loss"' in line for line in path.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {steps} (exit {process.poll()}): {process.stdout.read()[-2000:]}")
+
+
+def stopped_step(output, signal_name):
+    lines = [line[line.index("stopped at step"):] for line in output.replace("\r", "\n").splitlines()
+             if "stopped at step" in line]
+    assert len(lines) == 1, output[-3000:]  # said once, by the main process
+    line = lines[0]
+    assert line.endswith(f"on {signal_name}; resume with --resume_from_checkpoint latest"), line
+    return int(line.split()[3])
+
+
+def stop_with(sig, tiny_bert, csv_data, out):
+    """Start a run, signal it mid-training, return the step it stopped at (checked: exit code, checkpoint)."""
+    process = start([sys.executable, "train_loop.py", *train_args(tiny_bert, csv_data, out, *LONG)], out)
+    wait_for_steps(process, out, 5)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig.value, output[-2000:]  # 143, 130, 138
+    step = stopped_step(output, sig.name)
+    assert 5 <= step < 96 and (out / "results" / f"checkpoint-{step}").is_dir()
+    assert not (out / "model").exists()  # nothing is published from a stopped run
+    return step
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
+def test_ctrl_c_and_slurms_warning_signal_stop_the_same_way(sig, tiny_bert, csv_data, tmp_path):
+    stop_with(sig, tiny_bert, csv_data, tmp_path / "stopped")
+
+
+def test_sigterm_checkpoints_the_step_and_the_resume_is_exact(tiny_bert, csv_data, tmp_path):
+    out = tmp_path / "stopped"
+    stop_with(signal.SIGTERM, tiny_bert, csv_data, out)
+    # Resumed and straight runs in processes like the first (the same thread count: the same float sums)
+    for run_out, extra in ((out, ("--resume_from_checkpoint", "latest")), (tmp_path / "straight", ())):
+        done = start([sys.executable, "train_loop.py", *train_args(tiny_bert, csv_data, run_out, *LONG, *extra)], run_out)
+        assert done.wait(timeout=300) == 0, done.stdout.read()[-2000:]
+    assert_same_weights(out, tmp_path / "straight")
+    assert without_timings(read_records(out)) == without_timings(read_records(tmp_path / "straight"))
+
+
+def test_two_processes_stop_at_the_same_step(tiny_bert, csv_data, tmp_path):
+    """The signal goes to `accelerate launch`, which passes it on; the processes agree on the step."""
+    def launch(out, *extra):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                str(free_port()), "train_loop.py", *train_args(tiny_bert, csv_data, out, *LONG, *extra)]
+
+    out = tmp_path / "stopped"
+    launcher = start(launch(out), out)
+    wait_for_steps(launcher, out, 4)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    step = stopped_step(output, "SIGTERM")
+    checkpoint = out / "results" / f"checkpoint-{step}"
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                             "random_states_1.pkl"]
+    resumed = start(launch(out, "--resume_from_checkpoint", "latest"), out)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()[-2000:]
+    straight = start(launch(tmp_path / "straight"), tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
+    assert_same_weights(out, tmp_path / "straight")
+    assert without_timings(read_records(out)) == without_timings(read_records(tmp_path / "straight"))
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    request = train_loop.StopRequest(type("Single", (), {"num_processes": 1})())
+    request.handle(signal.SIGINT, None)
+    assert request.agreed() == "SIGINT"  # the first: stop at the next step boundary
+    with pytest.raises(KeyboardInterrupt):
+        request.handle(signal.SIGINT, None)
