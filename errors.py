@@ -15,14 +15,23 @@ class UsageError(Exception):
     """Bad input (flags, data, paths). The message says what is wrong and how to fix it."""
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (a full disk, a diverged loss): the message says what failed, where,
+    and what was kept. Exit code 1."""
+
+
 @contextmanager
 def exit_on_usage_error():
-    """Turn a UsageError into `error: <message>` on stderr and exit code 2."""
+    """Turn a UsageError into `error: <message>` on stderr and exit code 2; a RunFailed the same way,
+    with exit code 1."""
     try:
         yield
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def hub_is_reachable(endpoint=None, timeout=3.0):

@@ -60,7 +60,7 @@ import data
 import model_utils
 import plots
 import study
-from errors import UsageError, exit_on_usage_error
+from errors import RunFailed, UsageError, exit_on_usage_error
 from metrics import ClassificationMetrics
 
 
@@ -447,6 +447,7 @@ def build(cfg, wrap_collator=None):
     wrap_collator: a function of the padding collator returning the one the loaders use instead
     (the training benchmark counts padded tokens this way).
     """
+    require_writable_dirs(cfg)
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same seed on every process: identical initial heads and dropout streams
     splits, label_names = load_data(cfg)
@@ -469,6 +470,20 @@ def build(cfg, wrap_collator=None):
         pin_memory=pins_memory(cfg, accelerator.device),
     )
     return Setup(accelerator, tokenizer, model, label_names, train_ds, eval_ds, train_dl, eval_dl, speedups)
+
+
+def require_writable_dirs(cfg):
+    """Every output folder can be created and written, checked before any model loads: a typo'd
+    or read-only path fails now, not after hours of training."""
+    for flag in ("output_dir", "logging_dir", "final_model_dir"):
+        path = os.path.abspath(getattr(cfg, flag))
+        existing = path
+        while not os.path.exists(existing):  # the nearest part of the path that exists must be a folder
+            existing = os.path.dirname(existing)
+        require(os.path.isdir(existing), f"--{flag} {getattr(cfg, flag)!r}: {existing} is a file, not a folder, so "
+                                         "nothing can be written below it. Choose another path.")
+        require(os.access(existing, os.W_OK | os.X_OK), f"--{flag} {getattr(cfg, flag)!r}: {existing} is not "
+                                                        "writable by this user. Choose a folder you can write to.")
 
 
 def pins_memory(cfg, device):
@@ -671,6 +686,25 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
     accelerator.wait_for_everyone()
+    try:
+        write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp)
+    except (OSError, RuntimeError) as err:  # a full disk, a quota, a lost mount (torch.save says RuntimeError)
+        free = shutil.disk_usage(cfg.output_dir).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(cfg.output_dir)
+        raise RunFailed(f"could not save checkpoint-{progress.global_step} into {cfg.output_dir} "
+                        f"({free / 1024:,.0f} kB were free there when the save failed): {model_utils.first_line(err)}. "
+                        f"The partial folder was removed; {'the newest complete checkpoint, ' + kept[-1] + ', is intact and resumes with --resume_from_checkpoint latest' if kept else 'no earlier checkpoint exists'}. "
+                        "Free space (or choose another --output_dir), then resume.") from None
+    accelerator.wait_for_everyone()  # all parts on disk before the one rename that publishes them
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        delete_old_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=progress.best_checkpoint)
+    accelerator.wait_for_everyone()
+
+
+def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp):
     if cfg.save_only_model:  # weights, config and tokenizer only: a model folder that cannot be resumed
         model_utils.save_for_serving(accelerator, model, tokenizer, tmp)
     else:
@@ -680,12 +714,6 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
         write_json(os.path.join(tmp, TRAIN_CONFIG), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
         accelerator.unwrap_model(model, keep_torch_compile=False).config.save_pretrained(tmp)  # config.json
         tokenizer.save_pretrained(tmp)
-    accelerator.wait_for_everyone()  # all parts on disk before the one rename that publishes them
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        delete_old_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=progress.best_checkpoint)
-    accelerator.wait_for_everyone()
 
 
 def checkpoint_path(cfg, step):
@@ -946,6 +974,11 @@ def write_log_line(run, pbar):
     run.log.write(record, progress.global_step)
     pbar.set_postfix(loss=record["loss"])
     progress.window_loss, progress.window_steps = 0.0, 0
+    # Read at no extra cost (the log line has them): fp32/bf16 have no scaler to skip such steps,
+    # so a non-finite loss or gradient norm means the weights are, or soon will be, NaN.
+    if run.accelerator.scaler is None and not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+        raise RunFailed(diverged_message(run, f"the loss or gradient norm logged at step {progress.global_step} "
+                                              f"is not finite ({record['loss']}, {record['grad_norm']})"))
 
 
 def read_losses(run):
@@ -1133,10 +1166,27 @@ def finish(run, summary):
     if cfg.plots and accelerator.is_main_process:
         written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
         accelerator.print(f"wrote {', '.join(written)}")
+    require_finite_weights(run)
     model_utils.save_for_serving(accelerator, run.model, run.tokenizer, cfg.final_model_dir)
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final
+
+
+def require_finite_weights(run):
+    """Never publish a NaN model: one pass over the weights before they are saved for serving."""
+    bare = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+    bad = [name for name, p in bare.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise RunFailed(diverged_message(run, f"{len(bad)} weight tensors hold NaN or inf ({bad[0]}, ...)"))
+
+
+def diverged_message(run, what):
+    kept = list_checkpoints(run.cfg.output_dir)
+    return (f"training diverged: {what}. Nothing was written to {run.cfg.final_model_dir}. Likely causes: a "
+            "learning rate too high for this model (--learning_rate, --warmup_steps), no gradient clipping "
+            "(--max_grad_norm 0), or inputs the model cannot take. "
+            + (f"The last checkpoint, {kept[-1]}, is kept." if kept else "No checkpoint was saved."))
 
 
 def load_best_model(run):
