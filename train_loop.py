@@ -311,6 +311,9 @@ def scheduler_kwargs(cfg):
     return kwargs
 
 
+BEST_MODEL_METRICS = ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision", "eval_recall")
+
+
 def validate_best_model(cfg):
     """--load_best_model_at_end, --save_strategy best and early stopping need evaluations, and a metric."""
     wants_best = cfg.load_best_model_at_end or cfg.save_strategy == "best" or cfg.early_stopping_patience
@@ -320,6 +323,9 @@ def validate_best_model(cfg):
                                        "--early_stopping_patience compare evaluations: set --eval_strategy steps or epoch.")
     metric = cfg.metric_for_best_model or "loss"
     cfg.metric_for_best_model = metric if metric.startswith("eval_") else f"eval_{metric}"
+    require(cfg.metric_for_best_model in BEST_MODEL_METRICS,  # known now, not at the first evaluation
+            f"--metric_for_best_model {metric!r} is not an evaluation result; use one of "
+            f"{', '.join(m.removeprefix('eval_') for m in BEST_MODEL_METRICS)}.")
     if cfg.greater_is_better is None:
         cfg.greater_is_better = not cfg.metric_for_best_model.endswith("loss")
     if cfg.load_best_model_at_end and cfg.save_strategy != "best":  # Trainer's rule: the best must have been saved

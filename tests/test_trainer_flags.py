@@ -146,6 +146,8 @@ def test_best_model_flags_need_evaluations(capsys):
     assert "compare evaluations: set --eval_strategy steps or epoch" in err
     err = usage_error(train_loop.main, ["--load_best_model_at_end", "true", "--save_strategy", "no"], capsys)
     assert "--load_best_model_at_end needs a checkpoint at every evaluation" in err
+    err = usage_error(train_loop.main, ["--load_best_model_at_end", "true", "--metric_for_best_model", "acuracy"], capsys)
+    assert "--metric_for_best_model 'acuracy' is not an evaluation result; use one of loss, accuracy" in err
 
 
 # -----------------------------------------------------------------------------
