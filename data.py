@@ -12,6 +12,7 @@ csv/json/parquet files: one file (`reviews.csv`, its rows form the `train` split
 
 import math
 import os
+import signal
 
 import datasets
 import pyarrow.compute as pc
@@ -336,6 +337,7 @@ def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_
         collate_fn=collator,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
         generator=torch.Generator().manual_seed(seed),  # the shuffle, and the worker seed of each new iterator
     )
     eval_dl = None
@@ -347,9 +349,17 @@ def build_dataloaders(train_ds, eval_ds, collator, train_batch_size, eval_batch_
             collate_fn=collator,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            worker_init_fn=ignore_stop_signals if num_workers else None,
             generator=torch.Generator().manual_seed(seed),
         )
     return train_dl, eval_dl
+
+
+def ignore_stop_signals(worker_id):
+    """Loader workers ignore Ctrl-C and SIGTERM: the training process decides when to stop (it saves a
+    checkpoint first), and a worker dying on the signal would end the run with an error instead."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def steps_per_epoch(num_batches, gradient_accumulation_steps):

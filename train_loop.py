@@ -46,6 +46,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from accelerate import Accelerator
 from accelerate.utils import (OPTIMIZER_NAME, SCALER_NAME, DataLoaderConfiguration, DistributedType, LoggerType,
@@ -316,10 +317,12 @@ BEST_MODEL_METRICS = ("eval_loss", "eval_accuracy", "eval_f1", "eval_precision",
 
 def validate_best_model(cfg):
     """--load_best_model_at_end, --save_strategy best and early stopping need evaluations, and a metric."""
+    require(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
+            "--early_stopping_patience must be a positive number of evaluations.")
     wants_best = cfg.load_best_model_at_end or cfg.save_strategy == "best" or cfg.early_stopping_patience
-    if not wants_best:
+    if not wants_best and cfg.metric_for_best_model is None:
         return
-    require(cfg.eval_strategy != "no", "--load_best_model_at_end, --save_strategy best and "
+    require(not wants_best or cfg.eval_strategy != "no", "--load_best_model_at_end, --save_strategy best and "
                                        "--early_stopping_patience compare evaluations: set --eval_strategy steps or epoch.")
     metric = cfg.metric_for_best_model or "loss"
     cfg.metric_for_best_model = metric if metric.startswith("eval_") else f"eval_{metric}"
@@ -694,7 +697,7 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     accelerator.wait_for_everyone()
     try:
         write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp)
-    except (OSError, RuntimeError) as err:  # a full disk, a quota, a lost mount (torch.save says RuntimeError)
+    except (OSError, RuntimeError, SafetensorError) as err:  # a full disk, a quota, a lost mount
         free = shutil.disk_usage(cfg.output_dir).free
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(cfg.output_dir)
@@ -1061,8 +1064,9 @@ def stop_if_asked(run):
     if saved and run.last_saved_step != step:
         checkpoint(run)
     run.accelerator.end_training()
-    how = ("resume with --resume_from_checkpoint latest" if saved or run.last_saved_step else
-           "no checkpoint saved (--enable_jit_checkpoint false)")
+    how = ("resume with --resume_from_checkpoint latest" if (saved or run.last_saved_step) and not run.cfg.save_only_model
+           else "its checkpoint holds the model only (--save_only_model): start a new run from it"
+           if saved else "no checkpoint saved (--enable_jit_checkpoint false)")
     run.accelerator.print(f"stopped at step {step} on {name}; {how}", flush=True)
     raise Stopped(name)
 
