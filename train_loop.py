@@ -337,8 +337,6 @@ def validate_best_model(cfg):
                 f"{cfg.eval_strategy} (or best), not {cfg.save_strategy}.")
         require(cfg.eval_strategy != "steps" or cfg.save_steps % (cfg.eval_steps or cfg.logging_steps) == 0,
                 "--load_best_model_at_end with steps: --save_steps must be a multiple of --eval_steps.")
-    require(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
-            "--early_stopping_patience must be a positive number of evaluations.")
 
 
 def require(condition, message):
