@@ -113,6 +113,8 @@ class TrainConfig:
     lr_scheduler_kwargs: Optional[str] = flag(None, 'extra schedule arguments as JSON, e.g. \'{"num_cycles": 2}\'')
     warmup_steps: float = flag(0, "steps of linear warm-up; a float < 1 is a fraction of all steps")
     max_grad_norm: float = flag(1.0, "clip the total gradient norm; 0 = no clipping")
+    max_nonfinite_steps: int = flag(5, "a step whose loss or gradient norm is NaN/inf is skipped (the weights "
+                                       "do not move); this many in a row stop the run (not a Trainer flag)")
     label_smoothing_factor: float = flag(0.0, "label smoothing of the cross-entropy (0: none)")
     activation_checkpointing: bool = flag(False, "recompute activations in the backward pass: less memory, "
                                                  "about a third more compute")
@@ -543,8 +545,11 @@ class Progress:
     global_step: int = 0  # optimizer steps done
     window_loss: float = 0.0  # sum of step losses since the last log line
     window_steps: int = 0
+    window_nonfinite: int = 0  # of those, steps with a NaN/inf loss: not in window_loss
     total_loss: float = 0.0  # sum of all step losses, for train_loss
-    skipped_steps: int = 0  # fp16: steps whose gradients overflowed, so the weights did not move
+    skipped_steps: int = 0  # steps whose update was skipped: fp16's overflows, and NaN/inf steps
+    nonfinite_steps: int = 0  # steps with a NaN/inf loss or gradient norm; their losses are left out of the sums
+    nonfinite_in_row: int = 0  # the latest run of them: --max_nonfinite_steps in a row stop the run
     best_metric: Optional[float] = None  # --metric_for_best_model's best value so far
     best_checkpoint: Optional[str] = None  # the checkpoint saved at that evaluation
     evals_without_improvement: int = 0  # early stopping's count
@@ -597,8 +602,9 @@ def tracker_names(record):
 
 def log_record(progress, grad_norm, learning_rate, steps_per_epoch):
     """The seed's log line: mean loss over the window, pre-clip norm and rate of the last step, epoch."""
+    finite_steps = progress.window_steps - progress.window_nonfinite  # NaN/inf steps are left out
     return {
-        "loss": round(progress.window_loss / progress.window_steps, 4),
+        "loss": round(progress.window_loss / finite_steps, 4) if finite_steps else math.nan,
         "grad_norm": float(f"{grad_norm:.4g}"),
         "learning_rate": float(f"{learning_rate:.4g}"),
         "epoch": round(progress.global_step / steps_per_epoch, 2),
@@ -824,7 +830,9 @@ class Run:
     log: RunLog
     progress: Progress
     speedups: list[str] = field(default_factory=list)  # for the banner (cpu_speed.py)
-    unread_loss: Optional[torch.Tensor] = None  # step losses summed on the device since progress last read them
+    unread_loss: Optional[torch.Tensor] = None  # finite step losses summed on the device since progress last read them
+    unread_checks: list = field(default_factory=list)  # per step since: (step, NaN/inf flag, loss, grad_norm) on the device
+    nonfinite_skip: str = "device"  # how a NaN/inf step's update is skipped: see nonfinite_skip()
     loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the last step
     last_step: Optional[dict] = None  # the last step's grad_norm and learning_rate, for the next log line
     stop_reason: Optional[str] = None  # set when early stopping ends the run
@@ -865,7 +873,12 @@ def train_one_epoch(run, epoch, pbar):
                 watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
                 # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
+                # The mean loss over this step's rows, all processes together: the same on every process.
+                step_loss = accelerator.reduce(loss_sum, reduction="sum") / window_rows
+                nonfinite = check_finite(run, step_loss, grad_norm)  # NaN or inf: skip this update
+                if not (run.nonfinite_skip == "host" and bool(nonfinite)):  # "host": one device sync
+                    optimizer.step()  # AdamW: w -= lr * (m / (sqrt(v) + eps) + weight_decay * w)
+                optimizer.optimizer.__dict__.pop("found_inf", None)
                 learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step used
                 if overflowed(run):  # fp16: inf/nan gradients, the update was skipped
                     run.progress.skipped_steps += 1
@@ -874,14 +887,46 @@ def train_one_epoch(run, epoch, pbar):
                 optimizer.zero_grad()
         if accelerator.sync_gradients:  # an optimizer step was taken: count it, then log / evaluate / save
             run.progress.global_step += 1
-            # The mean loss over this step's rows, all processes together: the same on every process.
-            step_loss = accelerator.reduce(loss_sum, reduction="sum") / window_rows
-            after_step(run, step_loss, grad_norm, learning_rate, pbar, watch)
+            after_step(run, torch.where(nonfinite.bool(), 0.0, step_loss), grad_norm, learning_rate, pbar, watch)
             loss_sum, rows = 0.0, 0
             if run.progress.global_step >= run.total_steps or run.stop_reason:
                 break
             if run.progress.global_step % run.steps_per_epoch:  # an epoch's last step: train() checks after it
                 stop_if_asked(run)
+
+
+def check_finite(run, step_loss, grad_norm):
+    """Whether this step's loss or gradient norm is NaN or inf, as a 0-dim float on the device; and
+    if so, make the coming optimizer step leave the weights alone.
+
+    One NaN gradient makes the total norm NaN, so the norm that clipping computed anyway checks every
+    gradient at once. The host reads the flags later, with the losses (see read_checks).
+    """
+    finite = torch.isfinite(step_loss)
+    if run.nonfinite_skip != "count":
+        finite &= torch.isfinite(grad_norm)
+    nonfinite = (~finite).float()
+    if run.nonfinite_skip == "device":
+        # The fused AdamW takes the flag fp16's grad scaler hands it: where it is 1 the kernel leaves
+        # weights, moments and its step count as they were. Nothing waits for the GPU.
+        run.optimizer.optimizer.found_inf = nonfinite
+    run.unread_checks.append((run.progress.global_step + 1, nonfinite, step_loss, grad_norm))
+    return nonfinite
+
+
+READ_CHECKS_EVERY = 32  # steps: a diverged run stops within this many of its limit, at one device sync each
+
+
+def nonfinite_skip(cfg, accelerator):
+    """How a NaN/inf step is skipped. "device": by the fused AdamW, with no device sync. "host": by not
+    calling step(), which reads the flag (one sync per step): torch's unfused AdamW takes no flag, and
+    FSDP's sharded parameters are left to plain step() calls. "count": fp16's grad scaler already skips
+    overflowing gradients, and DeepSpeed's engine applies its own update; such steps are only counted."""
+    if accelerator.scaler is not None or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "count"
+    if cfg.optim == "adamw_torch_fused" and accelerator.distributed_type != DistributedType.FSDP:
+        return "device"
+    return "host"
 
 
 def smoothed_loss(logits, batch, cfg):
@@ -951,6 +996,8 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
     progress.window_steps += 1
     run.last_step = {"grad_norm": grad_norm, "learning_rate": learning_rate}
     pbar.update(1)
+    if len(run.unread_checks) >= READ_CHECKS_EVERY:
+        read_losses(run)
     if log_due(cfg, progress.global_step):
         write_log_line(run, pbar)
         if watch is not None:
@@ -976,16 +1023,11 @@ def write_log_line(run, pbar):
     progress = run.progress
     read_losses(run)
     record = log_record(progress, float(run.last_step["grad_norm"]), run.last_step["learning_rate"], run.steps_per_epoch)
-    if run.accelerator.scaler is not None:  # fp16: how many steps overflowed so far
+    if run.accelerator.scaler is not None or progress.skipped_steps:  # fp16's overflows, NaN/inf steps so far
         record["skipped_steps"] = progress.skipped_steps
     run.log.write(record, progress.global_step)
     pbar.set_postfix(loss=record["loss"])
-    progress.window_loss, progress.window_steps = 0.0, 0
-    # Read at no extra cost (the log line has them): fp32/bf16 have no scaler to skip such steps,
-    # so a non-finite loss or gradient norm means the weights are, or soon will be, NaN.
-    if run.accelerator.scaler is None and not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
-        raise RunFailed(diverged_message(run, f"the loss or gradient norm logged at step {progress.global_step} "
-                                              f"is not finite ({record['loss']}, {record['grad_norm']})"))
+    progress.window_loss, progress.window_steps, progress.window_nonfinite = 0.0, 0, 0
 
 
 def read_losses(run):
@@ -997,6 +1039,33 @@ def read_losses(run):
         run.progress.window_loss += loss
         run.progress.total_loss += loss
         run.unread_loss = None
+    read_checks(run)
+
+
+def read_checks(run):
+    """Count the steps check_finite flagged since the last read, say which they were, and stop the
+    run after --max_nonfinite_steps of them in a row. Their losses were left out of the sums."""
+    checks, run.unread_checks = run.unread_checks, []
+    if not checks:
+        return
+    progress, limit = run.progress, run.cfg.max_nonfinite_steps
+    flags = torch.stack([flag for _, flag, _, _ in checks]).tolist()  # one wait, with the losses' own
+    for (step, _, loss, grad_norm), flag in zip(checks, flags):
+        if not flag:
+            progress.nonfinite_in_row = 0
+            continue
+        progress.nonfinite_steps += 1
+        progress.nonfinite_in_row += 1
+        progress.window_nonfinite += 1  # unread checks are all in the current log window
+        if run.nonfinite_skip != "count":
+            progress.skipped_steps += 1
+        what = f"step {step}: loss {float(loss):.4g}, grad_norm {float(grad_norm):.4g}"
+        run.accelerator.print(f"{what}: not finite, the update was skipped "
+                              f"({progress.nonfinite_in_row} in a row; --max_nonfinite_steps {limit})", flush=True)
+        if progress.nonfinite_in_row >= limit:
+            first = step - progress.nonfinite_in_row + 1
+            raise RunFailed(diverged_message(run, f"steps {first} to {step}, {limit} in a row, had a NaN or inf "
+                                                  f"loss or gradient norm ({what})"))
 
 
 def end_of_epoch(run, pbar):
@@ -1151,7 +1220,7 @@ def train(run):
         "train_runtime": round(runtime, 4),
         "train_samples_per_second": round(steps * run.global_batch / runtime, 3),
         "train_steps_per_second": round(steps / runtime, 3),
-        "train_loss": run.progress.total_loss / run.progress.global_step,
+        "train_loss": run.progress.total_loss / max(1, run.progress.global_step - run.progress.nonfinite_steps),
         "epoch": round(run.progress.global_step / run.steps_per_epoch, 2),
     } | ({"skipped_steps": run.progress.skipped_steps} if run.accelerator.scaler is not None else {})
 
@@ -1324,7 +1393,7 @@ def start_run(cfg, setup):
     log = RunLog(accelerator, JsonLines(accelerator, os.path.join(cfg.output_dir, "log_history.jsonl"), resumed_step))
     run = Run(cfg, accelerator, model, optimizer, lr_scheduler, train_dl, eval_dl, setup.tokenizer,
               len(setup.label_names), steps_per_epoch, total_steps, warmup, num_epochs, log, progress, setup.speedups,
-              loss_scale=loss_scale(accelerator))
+              loss_scale=loss_scale(accelerator), nonfinite_skip=nonfinite_skip(cfg, accelerator))
     attach_study_tools(run, resumed_step)
     run.stop_request = StopRequest(accelerator)
     return run

@@ -2,12 +2,16 @@
 that fills during a checkpoint. Each ends in one paragraph and a non-zero exit, never a NaN model
 or a damaged checkpoint."""
 
+import json
+import math
 import os
 import shutil
 import subprocess
 import uuid
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import train_loop
 from conftest import assert_same_weights, read_records, reset_accelerate, train_args, without_timings
@@ -26,9 +30,10 @@ def fails(argv, capsys, code):
 
 def test_a_diverged_run_stops_and_publishes_nothing(tiny_bert, csv_data, tmp_path, capsys):
     err = fails(train_args(tiny_bert, csv_data, tmp_path, "--learning_rate", "1e4", "--max_grad_norm", "0",
-                           "--logging_steps", "1", "--num_train_epochs", "3", "--save_strategy", "no", *QUICK),
+                           "--logging_steps", "1", "--num_train_epochs", "3", "--save_strategy", "no",
+                           "--max_nonfinite_steps", "3", *QUICK),
                 capsys, code=1)
-    assert "training diverged: the loss or gradient norm logged at step" in err and "not finite" in err
+    assert "training diverged: steps " in err and "3 in a row, had a NaN or inf loss or gradient norm" in err
     assert "Nothing was written to" in err and "--learning_rate" in err
     assert not (tmp_path / "model").exists()
 
@@ -70,3 +75,65 @@ def test_a_full_disk_fails_the_save_cleanly_and_the_last_checkpoint_resumes(tiny
     assert_same_weights(tmp_path / "resumed", tmp_path / "straight")
     steps = lambda out: [r for r in without_timings(read_records(out)) if r["step"] > 2]  # noqa: E731
     assert steps(tmp_path / "resumed") == steps(tmp_path / "straight")
+
+
+# -----------------------------------------------------------------------------
+# NaN/inf steps: skipped one by one, a run of them stops the run
+
+
+class PoisonSteps:
+    """A step hook: from the step after `after`, the next `count` forwards return a NaN loss, as a
+    bad batch or an overflowing activation would. Registered on the real model of a real run."""
+
+    def __init__(self, after, count=1):
+        self.after, self.count, self.handle = after, count, None
+
+    def __call__(self, run):
+        if run.progress.global_step == self.after:
+            self.handle = run.model.register_forward_hook(self.poison)
+
+    def poison(self, module, args, output):
+        self.count -= 1
+        if self.count == 0:
+            self.handle.remove()
+        output.loss = output.loss * math.nan  # the backward pass then fills every gradient with NaN
+        return output
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+def test_a_nan_step_is_skipped_and_training_recovers(optim, tiny_bert, csv_data, tmp_path, capsys):
+    flags = ("--max_steps", "6", "--logging_steps", "1", "--learning_rate", "1e-3", "--optim", optim,
+             "--save_strategy", "steps", "--save_steps", "1", *QUICK)
+    train_loop.run_training(train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path, *flags)),
+                            step_hooks=[PoisonSteps(after=2)])
+    out = capsys.readouterr().out
+    assert "step 3: loss nan, grad_norm nan: not finite, the update was skipped (1 in a row; --max_nonfinite_steps 5)" in out
+    checkpoints = tmp_path / "results"
+    weights = {step: load_file(checkpoints / f"checkpoint-{step}" / "model.safetensors") for step in (2, 3, 4)}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # step 3 left every weight alone
+    assert not all(torch.equal(weights[3][k], weights[4][k]) for k in weights[3])  # step 4 trained again
+    adam_steps = lambda step: torch.load(checkpoints / f"checkpoint-{step}" / "optimizer.bin")["state"][0]["step"]  # noqa: E731
+    assert [float(adam_steps(s)) for s in (2, 3, 4)] == [2.0, 2.0, 3.0]  # AdamW's bias correction skipped it too
+    records = [r for r in read_records(tmp_path) if "loss" in r and "eval_loss" not in r and "train_loss" not in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert math.isnan(records[2]["loss"]) and all(math.isfinite(r["loss"]) for i, r in enumerate(records) if i != 2)
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 0, 1, 1, 1, 1]
+    state = json.loads((checkpoints / "checkpoint-6" / "training_state.json").read_text())
+    assert (state["nonfinite_steps"], state["nonfinite_in_row"], state["skipped_steps"]) == (1, 0, 1)
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_bert, csv_data, tmp_path, capsys):
+    flags = ("--max_steps", "12", "--logging_steps", "4", "--learning_rate", "1e-3", "--max_nonfinite_steps", "3",
+             "--save_strategy", "steps", "--save_steps", "2", *QUICK)
+    with pytest.raises(train_loop.RunFailed) as failed:
+        train_loop.run_training(train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path, *flags)),
+                                step_hooks=[PoisonSteps(after=2, count=100)])
+    message = str(failed.value)
+    # Steps 3 and 4 were read at step 4's log line; the checkpoint due at step 4 was saved (its weights
+    # are step 2's); step 5's flag was read at the checkpoint of step 6, before it was written.
+    assert "training diverged: steps 3 to 5, 3 in a row, had a NaN or inf loss or gradient norm (step 5: loss nan" in message
+    assert f"The last checkpoint, {tmp_path / 'results' / 'checkpoint-4'}, is kept." in message
+    assert sorted(p.name for p in (tmp_path / "results").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "model").exists()
