@@ -29,6 +29,7 @@ too), progress and logging, evaluation, checkpoints, the loop (`train_one_epoch`
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -677,13 +678,75 @@ def list_checkpoints(output_dir):
 
 
 def resolve_checkpoint(value, output_dir):
+    """--resume_from_checkpoint: a folder, verified against its manifest; or latest, the newest intact
+    checkpoint: a damaged one (a truncated copy, a lost file) is skipped with a note saying why."""
     if value == "latest":
         checkpoints = list_checkpoints(output_dir)
         require(checkpoints, f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir!r}.")
-        return checkpoints[-1]
+        for path in reversed(checkpoints):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                return path
+            say(f"note: --resume_from_checkpoint latest skips {path}, which is damaged: {damage}.")
+        raise UsageError(f"--resume_from_checkpoint latest: every checkpoint in {output_dir!r} is damaged (see the "
+                         "notes above). Restore one from a copy, or start afresh without --resume_from_checkpoint.")
     require(os.path.isfile(os.path.join(value, "training_state.json")),
             f"--resume_from_checkpoint {value!r} is not a checkpoint folder (no training_state.json in it).")
+    damage = checkpoint_damage(value)
+    require(damage is None, f"--resume_from_checkpoint {value!r} is damaged: {damage}. Resume from another "
+                            "checkpoint (latest picks the newest intact one) or restore this one from a copy.")
     return value
+
+
+MANIFEST = "checkpoint_manifest.json"  # each file's size and sha256, written last, before the rename
+
+
+def write_manifest(folder):
+    """Record what a complete checkpoint holds. The files were just written, so reading them back
+    comes from the page cache: about a second per GB (BENCHMARKS.md)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+    write_json(os.path.join(folder, MANIFEST), {"files": dict(sorted(files.items()))})
+
+
+def checkpoint_damage(folder):
+    """Why `folder` is not the checkpoint that was saved, in a few words; None if it is intact.
+    Checkpoints written before manifests existed are taken as they are, with a note."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        say(f"note: {folder} has no {MANIFEST} (an older checkpoint): its files cannot be verified.")
+        return None
+    try:
+        with open(path) as f:
+            files = {name: (int(want["bytes"]), str(want["sha256"])) for name, want in json.load(f)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is not a manifest train_loop.py wrote"
+    for name, (size, digest) in files.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} holds {os.path.getsize(file):,} bytes, not the {size:,} it was saved with"
+        if sha256_of(file) != digest:
+            return f"{name} is not what was saved (its sha256 differs)"
+    return None
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def say(message):
+    """Print once, also before accelerate is set up: on the process of rank 0 (every process on its own)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
@@ -691,8 +754,9 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     JSON; and the model's config and tokenizer, so that `from_pretrained` and `pipeline()` read the
     checkpoint as a model folder, as they read Trainer's.
 
-    Written to tmp-checkpoint-N and renamed once complete: a crash mid-save leaves no folder
-    that `--resume_from_checkpoint latest` could pick.
+    Written to tmp-checkpoint-N, completed by a manifest of each file's size and sha256, and renamed
+    once complete: a crash mid-save leaves no folder that `--resume_from_checkpoint latest` could
+    pick, and a checkpoint damaged later (an interrupted copy, a lost file) is known by its manifest.
     """
     final = checkpoint_path(cfg, progress.global_step)
     tmp = os.path.join(cfg.output_dir, f"tmp-checkpoint-{progress.global_step}")
@@ -701,6 +765,9 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     accelerator.wait_for_everyone()
     try:
         write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp)
+        accelerator.wait_for_everyone()  # every process's part on disk before the manifest lists them
+        if accelerator.is_main_process:
+            write_manifest(tmp)
     except (OSError, RuntimeError, SafetensorError) as err:  # a full disk, a quota, a lost mount
         free = shutil.disk_usage(cfg.output_dir).free
         shutil.rmtree(tmp, ignore_errors=True)
@@ -709,7 +776,7 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
                         f"({free / 1024:,.0f} kB were free there when the save failed): {model_utils.first_line(err)}. "
                         f"The partial folder was removed; {'the newest complete checkpoint, ' + kept[-1] + ', is intact and resumes with --resume_from_checkpoint latest' if kept else 'no earlier checkpoint exists'}. "
                         "Free space (or choose another --output_dir), then resume.") from None
-    accelerator.wait_for_everyone()  # all parts on disk before the one rename that publishes them
+    accelerator.wait_for_everyone()  # the manifest on disk before the one rename that publishes it all
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -2,6 +2,7 @@
 that fills during a checkpoint. Each ends in one paragraph and a non-zero exit, never a NaN model
 or a damaged checkpoint."""
 
+import hashlib
 import json
 import math
 import os
@@ -137,3 +138,81 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_
     assert sorted(p.name for p in (tmp_path / "results").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "model").exists()
+
+
+# -----------------------------------------------------------------------------
+# damaged checkpoints: latest falls back to the newest intact one, a named one is refused
+
+
+def truncate_weights(checkpoint):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    return "model.safetensors holds 1,000 bytes, not the"
+
+
+def lose_optimizer(checkpoint):
+    (checkpoint / "optimizer.bin").unlink()
+    return "optimizer.bin is missing"
+
+
+def edit_manifest(checkpoint):
+    manifest = checkpoint / train_loop.MANIFEST
+    manifest.write_text(manifest.read_text().replace('"files"', '"fails"'))
+    return "its checkpoint_manifest.json is not a manifest train_loop.py wrote"
+
+
+def flip_a_byte(checkpoint):
+    scheduler = checkpoint / "scheduler.bin"
+    data = bytearray(scheduler.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content: only the checksum sees it
+    scheduler.write_bytes(bytes(data))
+    return "scheduler.bin is not what was saved (its sha256 differs)"
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny_bert, csv_data):
+    """A run of 6 steps with checkpoints at 2 and 4, and a straight run of 6: what a resume must equal."""
+    out = tmp_path_factory.mktemp("two-checkpoints")
+    flags = ("--max_steps", "6", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
+             "--save_total_limit", "2", *QUICK)
+    reset_accelerate()
+    train_loop.main(train_args(tiny_bert, csv_data, out / "straight", *flags))
+    reset_accelerate()
+    return out / "straight", flags
+
+
+@pytest.mark.parametrize("damage", [truncate_weights, lose_optimizer, edit_manifest, flip_a_byte])
+def test_latest_skips_a_damaged_checkpoint_and_resumes_the_one_before(damage, two_checkpoints, tiny_bert, csv_data,
+                                                                      tmp_path, capsys):
+    straight, flags = two_checkpoints
+    for name in ("checkpoint-4", "checkpoint-6"):  # --save_total_limit 2 kept these
+        shutil.copytree(straight / "results" / name, tmp_path / "results" / name)
+    said = damage(tmp_path / "results" / "checkpoint-6")
+    train_loop.main(train_args(tiny_bert, csv_data, tmp_path, *flags, "--resume_from_checkpoint", "latest"))
+    out = capsys.readouterr().out
+    assert f"note: --resume_from_checkpoint latest skips {tmp_path / 'results' / 'checkpoint-6'}, which is damaged: {said}" in out
+    assert_same_weights(tmp_path, straight)  # resumed at step 4, trained steps 5 and 6 again: the same weights
+    assert train_loop.checkpoint_damage(str(tmp_path / "results" / "checkpoint-6")) is None  # saved afresh
+
+
+@pytest.mark.parametrize("damage", [truncate_weights, flip_a_byte])
+def test_a_named_damaged_checkpoint_is_refused(damage, two_checkpoints, tiny_bert, csv_data, tmp_path, capsys):
+    straight, flags = two_checkpoints
+    checkpoint = tmp_path / "results" / "checkpoint-6"
+    shutil.copytree(straight / "results" / "checkpoint-6", checkpoint)
+    said = damage(checkpoint)
+    err = fails(train_args(tiny_bert, csv_data, tmp_path, *flags, "--resume_from_checkpoint", str(checkpoint)),
+                capsys, code=2)
+    assert f"--resume_from_checkpoint '{checkpoint}' is damaged: {said}" in err and "latest picks the newest intact" in err
+
+
+def test_a_checkpoints_manifest_lists_every_file_with_its_size_and_sha256(two_checkpoints):
+    straight, _ = two_checkpoints
+    checkpoint = straight / "results" / "checkpoint-6"
+    files = json.loads((checkpoint / train_loop.MANIFEST).read_text())["files"]
+    on_disk = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    assert sorted([*files, train_loop.MANIFEST]) == on_disk
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "training_state.json", "config.json"} <= set(files)
+    for name, want in files.items():
+        data = (checkpoint / name).read_bytes()
+        assert want == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
