@@ -12,6 +12,9 @@ Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tune
 
 The model loads in the background once the server is up: GET /health answers 503 until it is
 loaded and warmed up, then 200. All model calls go through one batching worker (serve/batching.py).
+If the model cannot be loaded, the server stops with exit code 1 (as Text Embeddings Inference
+does), so an orchestrator sees the failure. On SIGTERM it answers the requests it has, refuses new
+connections, stops the worker, and exits 0 (docs/serving.md).
 """
 
 import os
@@ -30,6 +33,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 import asyncio  # noqa: E402 (the setting above must come first)
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -37,13 +41,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictStr, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import HfArgumentParser
 
@@ -55,6 +60,7 @@ from serve.classifier import Classifier, to_prediction
 log = logging.getLogger("app")
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 ENV_PREFIX = "SERVE_"
+EXIT_LOAD_FAILED = 1  # errors.RunFailed's code: the run cannot go on
 
 
 # -----------------------------------------------------------------------------
@@ -72,6 +78,11 @@ class ServeConfig(Limits):
     )
     device: str = field(default=None, metadata={"help": "cpu, cuda, ...; default: cuda when available"})
     max_body_bytes: int = field(default=2 * 1024 * 1024, metadata={"help": "request body limit (TEI's 2 MB)"})
+    graceful_shutdown_s: float = field(
+        default=20.0,
+        metadata={"help": "on SIGTERM, the longest to wait for open requests before cancelling them; under "
+                          "Kubernetes' default 30 s grace period (uvicorn's CLI: --timeout-graceful-shutdown)"},
+    )
 
 
 def parse_config(argv):
@@ -91,6 +102,8 @@ def validate_config(cfg):
         raise UsageError(f"--forward_cost_tokens must be 0 or more, not {cfg.forward_cost_tokens}.")
     if cfg.max_wait_ms < 0:
         raise UsageError(f"--max_wait_ms must be 0 or more, not {cfg.max_wait_ms}.")
+    if cfg.graceful_shutdown_s <= 0:
+        raise UsageError(f"--graceful_shutdown_s must be more than 0, not {cfg.graceful_shutdown_s}.")
     if cfg.max_queue < cfg.max_inputs:
         raise UsageError(f"--max_queue ({cfg.max_queue}) must be at least --max_inputs ({cfg.max_inputs}).")
     if not 0 <= cfg.port <= 65535:
@@ -129,8 +142,9 @@ def find_eval_results(cfg):
 
 
 class ModelState:
-    def __init__(self, cfg):
+    def __init__(self, cfg, exit_on_failure=False):
         self.cfg = cfg
+        self.exit_on_failure = exit_on_failure  # a server process stops; an app inside a test keeps serving 503
         self.classifier = None  # set once loaded and warmed up
         self.error = None  # set if loading failed
 
@@ -140,9 +154,16 @@ class ModelState:
             started = time.perf_counter()
             self.classifier = load_classifier(self.cfg.model_dir, self.cfg, self.cfg.device)
             log.info("model %s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, time.perf_counter() - started)
-        except Exception as err:  # a broken folder: say so on /health and in the log, keep serving 503
-            self.error = str(err) or type(err).__name__
-            log.error("error: cannot load the model from %r: %s", self.cfg.model_dir, self.error)
+        except Exception as err:  # a broken folder (truncated weights, say): one paragraph, no traceback
+            self.error = str(err).rstrip(".") or type(err).__name__
+            log.error("%s", self.failure_message())
+            if self.exit_on_failure:
+                stop_server()
+
+    def failure_message(self):
+        stops = f"; the server stops with exit code {EXIT_LOAD_FAILED}" if self.exit_on_failure else ""
+        return (f"error: cannot load the model from {self.cfg.model_dir!r}: {self.error}. Check that the folder "
+                f"holds the complete files save_pretrained wrote (a copy cut short leaves truncated weights){stops}.")
 
     def not_ready(self, loading="the model is still loading; retry in a few seconds."):
         """Why there is no answer yet: the 503 message."""
@@ -153,13 +174,36 @@ class ModelState:
 # request and response shapes
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"text": "A wonderful, moving film."}, {"texts": ["Great!", "Dull and long."]}]},
-    )
-    text: StrictStr | None = Field(default=None, description="one review")
-    texts: list[StrictStr] | None = Field(default=None, description="several reviews (at most --max_inputs)")
+def predict_request(limits):
+    """The /predict body as a type: {"text": ...} or {"texts": [...]}, never both, never neither
+    (`oneOf` in /openapi.json, so that the schema says exactly what the app accepts).
+
+    The limits appear in the schema (maxLength, maxItems, a non-blank pattern), but check_texts
+    enforces them, as for the command line: sizes answer 413, as in TEI, where pydantic would say 422.
+    """
+    review = Annotated[StrictStr, Field(json_schema_extra={"maxLength": limits.max_chars, "pattern": r"\S"})]
+
+    class OneText(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "A wonderful, moving film."}]})
+        text: review = Field(description="one review")
+
+    class ManyTexts(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["Great!", "Dull."]}]})
+        texts: list[review] = Field(description=f"several reviews (at most {limits.max_inputs}), answered in order",
+                                    json_schema_extra={"minItems": 1, "maxItems": limits.max_inputs})
+
+    one_of = Annotated[OneText, Tag("text")] | Annotated[ManyTexts, Tag("texts")]
+    return Annotated[one_of, Discriminator(input_field, custom_error_type="one_of",
+                                           custom_error_message='send exactly one of "text" or "texts"')]
+
+
+def input_field(body):
+    """Which shape a body has: "text" or "texts" when it holds exactly one of them (null counts as
+    absent), else None, and pydantic reports a "one_of" error."""
+    if not isinstance(body, dict):
+        return None
+    present = [name for name in ("text", "texts") if body.get(name) is not None]
+    return present[0] if len(present) == 1 else None
 
 
 class Prediction(BaseModel):
@@ -172,8 +216,26 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one per input text, in input order")
 
 
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
 class ErrorResponse(BaseModel):
-    error: str
+    error: str = Field(description="what is wrong, in one paragraph")
+
+
+# Every status a route answers besides 200, documented in /openapi.json.
+WHEN = {
+    400: "the body is not UTF-8",
+    413: "the body, a text or the number of texts is over its limit",
+    422: "the body is not one of the accepted shapes, or a text is blank or not valid Unicode",
+    429: "too many texts are waiting for the model; retry after Retry-After seconds",
+    503: "the model is still loading",
+}
+
+
+def documented(*codes):
+    return {code: {"model": ErrorResponse, "description": WHEN[code]} for code in codes}
 
 
 # -----------------------------------------------------------------------------
@@ -188,10 +250,12 @@ def describe_validation_errors(errors):
     """FastAPI's error list -> one readable sentence per problem, e.g. "texts[1]: Input should be a valid string"."""
     parts = []
     for err in errors:
-        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        loc = [str(part) for part in err.get("loc", ())][2:]  # drop "body" and the shape's tag ("text"/"texts")
         if err.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
-        elif not loc:  # no body, or not a JSON object (a list, a string, a form)
+        elif err.get("type") == "one_of":
+            parts.append(describe_wrong_shape(err.get("input")))
+        elif not loc:  # no body at all, or a form
             parts.append('the body must be a JSON object such as {"text": "..."}, sent as application/json')
         elif err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {loc[-1]!r}: send 'text' or 'texts'")
@@ -199,6 +263,16 @@ def describe_validation_errors(errors):
             where = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in loc).lstrip(".") or "body"
             parts.append(f"{where}: {err.get('msg')}")
     return "; ".join(parts) + "."
+
+
+def describe_wrong_shape(body):
+    """A body that is neither {"text": ...} nor {"texts": [...]}."""
+    if not isinstance(body, dict):  # a list, a string, a number
+        return 'the body must be a JSON object such as {"text": "..."}, sent as application/json'
+    unknown = sorted(set(body) - {"text", "texts"})
+    if unknown and body.get("text") is None and body.get("texts") is None:
+        return f"unknown field {unknown[0]!r}: send 'text' or 'texts'"
+    return 'send exactly one of "text" (a string) or "texts" (a list of strings)'
 
 
 async def validation_error(request, exc):
@@ -215,6 +289,11 @@ async def unexpected_error(request, exc):
     return error(500, "internal server error; the details are in the server's log.")
 
 
+# What a refused body may still cost us: read and thrown away, so that the client sees the 413 (below).
+DRAIN_MAX_BYTES = 64 * 1024 * 1024  # 32 bodies of the default limit; beyond it, answer at once
+DRAIN_MAX_SECONDS = 5.0  # nginx's lingering_timeout; a client this slow sees the connection close
+
+
 class BodyLimit:
     """Refuse request bodies over `max_bytes` with 413 (by Content-Length, or by counting a chunked body)."""
 
@@ -225,8 +304,11 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            if headers.get(b"expect", b"").lower() != b"100-continue" and int(declared) <= DRAIN_MAX_BYTES:
+                await discard_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS)
             return await self.too_large(scope, receive, send)
         # Read the body here (FastAPI would buffer it anyway), counting, then replay it downstream.
         chunks, size, more = [], 0, True
@@ -238,6 +320,8 @@ class BodyLimit:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_bytes:
+                if more:
+                    await discard_body(receive, DRAIN_MAX_BYTES - size, DRAIN_MAX_SECONDS)
                 return await self.too_large(scope, receive, send)
         body = b"".join(chunks)
         replayed = False
@@ -256,13 +340,35 @@ class BodyLimit:
         await error(413, message, headers={"connection": "close"})(scope, receive, send)
 
 
+async def discard_body(receive, max_bytes, max_seconds):
+    """Read the rest of a refused body and drop it: at most `max_bytes`, for at most `max_seconds`.
+
+    Why: urllib and requests send the whole body before they read the answer. Closing the socket
+    with their bytes unread makes the kernel send a reset, and they see "connection reset by peer"
+    instead of our 413. (curl sends `Expect: 100-continue` and waits: it is answered at once, unread.)
+    """
+    try:
+        async with asyncio.timeout(max_seconds):
+            while max_bytes >= 0:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return  # the client went away, or the body is read to its end
+                max_bytes -= len(message.get("body", b""))
+    except TimeoutError:
+        pass
+
+
 # -----------------------------------------------------------------------------
 # the app
 
 
-def create_app(cfg, load_classifier=Classifier):
-    """The ASGI app for `cfg`. `load_classifier(model_dir, limits, device)` is injectable for tests."""
-    state = ModelState(cfg)
+def create_app(cfg, load_classifier=Classifier, exit_on_load_failure=False):
+    """The ASGI app for `cfg`. `load_classifier(model_dir, limits, device)` is injectable for tests.
+
+    exit_on_load_failure: a model that cannot load stops the server process (exit code 1), for
+    `python -m serve` and the uvicorn factory; otherwise (a test, an app embedding this one, whose
+    process is not ours to end) it keeps answering 503 with the reason."""
+    state = ModelState(cfg, exit_on_failure=exit_on_load_failure)
     app = FastAPIOffline(  # FastAPI whose /docs needs no CDN: users may be offline
         title="Sentiment analysis",
         description="Classifies movie reviews with a fine-tuned BERT. The page for people is at /.",
@@ -282,15 +388,31 @@ def create_app(cfg, load_classifier=Classifier):
 
 @asynccontextmanager
 async def load_in_background(app, state, load_classifier):
-    """The server answers at once (503 on /health) while the model loads in a thread; at shutdown
-    the worker finishes what is queued."""
+    """The server answers at once (503 on /health) while the model loads in a thread. The end runs
+    once uvicorn has answered every open request: the worker finishes what is queued and stops."""
     threading.Thread(target=state.load, args=(load_classifier,), name="model-loader", daemon=True).start()
     yield
     if state.classifier is not None:
         await asyncio.to_thread(state.classifier.close)
+        worker = state.classifier.worker
+        log.info("batching worker stopped (batches run: %d, texts classified: %d)", worker.batches, worker.texts_done)
+    if state.error is not None and state.exit_on_failure:
+        exit_now(EXIT_LOAD_FAILED)
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (413, 422, 429, 503)}  # documented in /openapi.json
+def stop_server():
+    """Shut uvicorn down as an orchestrator does, with SIGTERM: the app has no handle on the server
+    under uvicorn's own CLI. uvicorn closes its port, answers what is open, then ends the lifespan."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_now(code):
+    """End the process with `code`. uvicorn swallows any exception raised in the lifespan, and after a
+    SIGTERM it ends the process by that signal (status 143), so os._exit is the one way to report a
+    failure. Nothing is lost: the connections are closed by now, and log lines were flushed as written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def add_page(app):
@@ -300,16 +422,18 @@ def add_page(app):
 
 
 def add_predict(app, cfg, state):
-    @app.post("/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(body: PredictRequest):
-        """Classify `text` or up to 32 `texts`; longer reviews are truncated to the model's maximum."""
-        if (body.text is None) == (body.texts is None):
-            return error(422, 'send exactly one of "text" (a string) or "texts" (a list of strings).')
+    request = predict_request(cfg)
+
+    @app.post("/predict", response_model=PredictResponse, responses=documented(400, 413, 422, 429, 503),
+              description=f"Classify `text` or up to {cfg.max_inputs} `texts`; longer reviews are truncated "
+                          "to the model's maximum.")
+    async def predict(body: request):
         if state.classifier is None:
             return error(503, state.not_ready())
-        texts = [body.text] if body.texts is None else body.texts
+        one = not hasattr(body, "texts")
+        texts = [body.text] if one else body.texts
         try:
-            check_texts(texts, cfg, name=(lambda i: "text") if body.texts is None else (lambda i: f"texts[{i}]"))
+            check_texts(texts, cfg, name=(lambda i: "text") if one else (lambda i: f"texts[{i}]"))
             rows = await asyncio.wrap_future(state.classifier.submit(texts))
         except InputError as err:
             return error(err.status, str(err))
@@ -319,7 +443,7 @@ def add_predict(app, cfg, state):
 
 
 def add_health(app, state):
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get("/health", response_model=HealthResponse, responses=documented(503))
     async def health():
         """200 once the model is loaded and warmed up; 503 while loading or if loading failed."""
         if state.classifier is not None:
@@ -358,14 +482,23 @@ def main(argv=None):
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         check_model_dir(cfg.model_dir)  # a wrong path fails here, before the port is bound
     log.info("serving %s on http://%s:%d (model loading; /health says when ready)", cfg.model_dir, cfg.host, cfg.port)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    uvicorn.run(create_app(cfg, exit_on_load_failure=True), host=cfg.host, port=cfg.port, log_level="info",
+                timeout_graceful_shutdown=cfg.graceful_shutdown_s)
+
+
+def exit_cleanly(signum, frame):
+    """SIGTERM outside uvicorn's shutdown. uvicorn catches the signal, shuts down gracefully, then
+    raises it again for the handler it found; Python's default would end the process by the signal
+    (status 143). A shutdown that was asked for and completed is a success: exit code 0."""
+    raise SystemExit(0)
 
 
 def app_from_env():
     """The app factory for `uvicorn serve.app:app_from_env --factory`: flags from SERVE_<FLAG> variables.
     Nothing loads until the server starts."""
     with exit_on_usage_error():
-        return create_app(config_from_env())
+        return create_app(config_from_env(), exit_on_load_failure=True)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,27 @@ def test_page_and_docs_need_nothing_from_outside(client):
     assert {"/predict", "/health", "/info"} <= set(schema["paths"])
 
 
+def test_openapi_schema_says_exactly_what_predict_accepts_and_answers(tiny_dir):
+    """One of {"text"} or {"texts"}, never both; the limits of this server's flags; every status it answers."""
+    with serve(tiny_dir, max_inputs=8, max_chars=500) as c:
+        schema = c.get("/openapi.json").json()
+    predict_op = schema["paths"]["/predict"]["post"]
+    body = predict_op["requestBody"]["content"]["application/json"]["schema"]
+    assert body["oneOf"] == [{"$ref": "#/components/schemas/OneText"}, {"$ref": "#/components/schemas/ManyTexts"}]
+    one, many = (schema["components"]["schemas"][name] for name in ("OneText", "ManyTexts"))
+    assert (one["required"], one["additionalProperties"], many["required"], many["additionalProperties"]) == (
+        ["text"], False, ["texts"], False)
+    assert (one["properties"]["text"]["type"], one["properties"]["text"]["maxLength"]) == ("string", 500)
+    assert one["properties"]["text"]["pattern"] == r"\S"  # not blank
+    texts = many["properties"]["texts"]
+    assert (texts["minItems"], texts["maxItems"], texts["items"]["maxLength"]) == (1, 8, 500)
+    assert set(predict_op["responses"]) == {"200", "400", "413", "422", "429", "503"}
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    assert all(predict_op["responses"][code]["content"]["application/json"]["schema"] == error_ref
+               for code in ("400", "413", "422", "429", "503"))
+    assert set(schema["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+
+
 # -----------------------------------------------------------------------------
 # equality with transformers.pipeline (real weights, real reviews, truncation, padding, Unicode)
 
