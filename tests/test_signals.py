@@ -17,10 +17,10 @@ from models import ROOT
 LONG = ("--num_train_epochs", "12", "--logging_steps", "1", "--save_strategy", "no", "--plots", "false")  # 96 steps
 
 
-def start(command, out):
+def start(command, out, **env):
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-                                 "PYTHONPATH": str(ROOT)})
+                                 "PYTHONPATH": str(ROOT), **env})
 
 
 def wait_for_steps(process, out, steps, timeout=120):
@@ -72,28 +72,47 @@ def test_sigterm_checkpoints_the_step_and_the_resume_is_exact(tiny_bert, csv_dat
     assert without_timings(read_records(out)) == without_timings(read_records(tmp_path / "straight"))
 
 
-def test_two_processes_stop_at_the_same_step(tiny_bert, csv_data, tmp_path):
-    """The signal goes to `accelerate launch`, which passes it on; the processes agree on the step."""
-    def launch(out, *extra):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                str(free_port()), "train_loop.py", *train_args(tiny_bert, csv_data, out, *LONG, *extra)]
+def launch(tiny_bert, csv_data, out, *extra):
+    """Two CPU processes through `accelerate launch`: the launcher torchrun's agent runs in."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "train_loop.py", *train_args(tiny_bert, csv_data, out, *LONG, *extra)]
 
-    out = tmp_path / "stopped"
-    launcher = start(launch(out), out)
+
+def stop_launcher(sig, tiny_bert, csv_data, out, **env):
+    """Signal the launcher mid-run; return the step both processes stopped at (one checkpoint, both parts)."""
+    launcher = start(launch(tiny_bert, csv_data, out), out, **env)
     wait_for_steps(launcher, out, 4)
-    launcher.send_signal(signal.SIGTERM)
+    launcher.send_signal(sig)
     output, _ = launcher.communicate(timeout=120)
-    step = stopped_step(output, "SIGTERM")
+    # The launcher reports its workers' exit (128 + N) as a failure of its own: exit code 1.
+    assert launcher.returncode == 1, output[-2000:]
+    step = stopped_step(output, sig.name)
     checkpoint = out / "results" / f"checkpoint-{step}"
     assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
                                                                              "random_states_1.pkl"]
-    resumed = start(launch(out, "--resume_from_checkpoint", "latest"), out)
+    return step
+
+
+def test_two_processes_stop_at_the_same_step(tiny_bert, csv_data, tmp_path):
+    """The signal goes to `accelerate launch`, which passes it on; the processes agree on the step."""
+    out = tmp_path / "stopped"
+    stop_launcher(signal.SIGTERM, tiny_bert, csv_data, out)
+    launch_ = lambda out, *extra: launch(tiny_bert, csv_data, out, *extra)  # noqa: E731
+    resumed = start(launch_(out, "--resume_from_checkpoint", "latest"), out)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()[-2000:]
-    straight = start(launch(tmp_path / "straight"), tmp_path / "straight")
+    straight = start(launch_(tmp_path / "straight"), tmp_path / "straight")
     assert straight.wait(timeout=300) == 0, straight.stdout.read()[-2000:]
     assert_same_weights(out, tmp_path / "straight")
     assert without_timings(read_records(out)) == without_timings(read_records(tmp_path / "straight"))
+
+
+def test_the_launcher_passes_sigusr1_on_when_told_to(tiny_bert, csv_data, tmp_path):
+    """SLURM's warning signal: torchrun's agent (inside `accelerate launch`) passes on SIGTERM, SIGINT,
+    SIGHUP and SIGQUIT only, and dies of an unhandled SIGUSR1, leaving its workers to train on
+    unwarned. PET_SIGNALS_TO_HANDLE (torchrun's --signals-to-handle) adds it (docs/faults.md)."""
+    stop_launcher(signal.SIGUSR1, tiny_bert, csv_data, tmp_path / "stopped",
+                  PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
 def test_a_second_ctrl_c_stops_at_once():
