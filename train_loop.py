@@ -706,7 +706,7 @@ def write_manifest(folder):
     comes from the page cache: about a second per GB (BENCHMARKS.md)."""
     files = {}
     for root, _, names in os.walk(folder):
-        for name in sorted(names):
+        for name in sorted(set(names) - {MANIFEST}):
             path = os.path.join(root, name)
             files[os.path.relpath(path, folder)] = {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
     write_json(os.path.join(folder, MANIFEST), {"files": dict(sorted(files.items()))})
