@@ -11,7 +11,7 @@ import time
 import pytest
 
 import train_loop
-from conftest import assert_same_weights, free_port, read_records, train_args, without_timings
+from conftest import assert_same_weights, free_port, read_records, reset_accelerate, train_args, without_timings
 from models import ROOT
 
 LONG = ("--num_train_epochs", "12", "--logging_steps", "1", "--save_strategy", "no", "--plots", "false")  # 96 steps
@@ -121,3 +121,41 @@ def test_a_second_ctrl_c_stops_at_once():
     assert request.agreed() == "SIGINT"  # the first: stop at the next step boundary
     with pytest.raises(KeyboardInterrupt):
         request.handle(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("sig, moment", [(signal.SIGTERM, "evaluation"), (signal.SIGINT, "save")])
+def test_a_signal_during_evaluation_or_right_after_a_save_stops_there_and_resumes_exactly(
+        sig, moment, tiny_bert, csv_data, tmp_path, monkeypatch, capsys):
+    """A real signal to this process, sent from inside the loop's evaluation or just after a
+    checkpoint save: the stop waits for the step boundary, saves no second checkpoint, and resumes."""
+    flags = ("--num_train_epochs", "3", "--logging_steps", "1", "--plots", "false", "--eval_strategy", "epoch",
+             "--save_strategy", "steps", "--save_steps", "3")  # an epoch is 8 steps: evaluations at 8, 16, 24
+    out = tmp_path / "stopped"
+    real = {"evaluation": train_loop.evaluate, "save": train_loop.save_checkpoint}[moment]
+    sent = []
+
+    def signalled(*args, **kwargs):
+        if moment == "evaluation" and not sent:
+            os.kill(os.getpid(), sig)  # mid-evaluation: the handler runs now, the stop waits
+            sent.append(True)
+        result = real(*args, **kwargs)
+        if moment == "save" and not sent:
+            os.kill(os.getpid(), sig)
+            sent.append(True)
+        return result
+
+    monkeypatch.setattr(train_loop, {"evaluation": "evaluate", "save": "save_checkpoint"}[moment], signalled)
+    with pytest.raises(SystemExit) as stopped:
+        train_loop.main(train_args(tiny_bert, csv_data, out, *flags))
+    assert stopped.value.code == 128 + sig.value
+    step = stopped_step(capsys.readouterr().out, sig.name)
+    assert step == {"evaluation": 8, "save": 3}[moment]
+    assert sorted(p.name for p in (out / "results").iterdir() if p.name.startswith("checkpoint")) == (
+        ["checkpoint-3", "checkpoint-6", "checkpoint-8"] if moment == "evaluation" else ["checkpoint-3"])
+    monkeypatch.undo()
+    reset_accelerate()
+    train_loop.main(train_args(tiny_bert, csv_data, out, *flags, "--resume_from_checkpoint", "latest"))
+    reset_accelerate()
+    train_loop.main(train_args(tiny_bert, csv_data, tmp_path / "straight", *flags))
+    assert_same_weights(out, tmp_path / "straight")
+    assert without_timings(read_records(out)) == without_timings(read_records(tmp_path / "straight"))
