@@ -8,6 +8,7 @@ names, tokenizer files), so `transformers.pipeline("text-classification", model=
 import os
 import platform
 import re
+import shutil
 
 import torch
 from torch import nn
@@ -93,14 +94,34 @@ def save_for_serving(accelerator, model, tokenizer, out_dir):
     only the main process writes. The weights keep the model's own names: torch.compile's wrapper
     prefixes each with `_orig_mod.`, and a folder saved so loads as a freshly initialised model
     (transformers only warns), so the prefix is taken off and the names checked.
+
+    Written beside `out_dir` and moved into place once complete: a kill or a full disk mid-save
+    leaves the previous model (or none), never a half-written one that a server would load.
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         bare = accelerator.unwrap_model(model, keep_torch_compile=False)
         state_dict = own_names(state_dict)
-        bare.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        partial = f"{os.path.normpath(out_dir)}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier interrupted save
+        try:
+            bare.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        replace_folder(partial, out_dir)
     accelerator.wait_for_everyone()
+
+
+def replace_folder(new, old):
+    """Put folder `new` where `old` is: two renames, so `old` is never half-written."""
+    previous = f"{os.path.normpath(old)}.previous"
+    if os.path.isdir(old):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(old, previous)
+    os.replace(new, old)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 # The attribute a wrapper keeps the model under, which then stands in every weight's name: DDP's

@@ -1311,7 +1311,14 @@ def finish(run, summary):
         written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
         accelerator.print(f"wrote {', '.join(written)}")
     require_finite_weights(run)
-    model_utils.save_for_serving(accelerator, run.model, run.tokenizer, cfg.final_model_dir)
+    try:
+        model_utils.save_for_serving(accelerator, run.model, run.tokenizer, cfg.final_model_dir)
+    except (OSError, RuntimeError, SafetensorError) as err:  # a full disk, a quota, a lost mount
+        kept = list_checkpoints(cfg.output_dir)
+        raise RunFailed(f"could not save the fine-tuned model to {cfg.final_model_dir}: {model_utils.first_line(err)}. "
+                        f"Nothing half-written was left there. " + (f"The last checkpoint, {kept[-1]}, holds the "
+                        f"trained state: free space, then run again with --resume_from_checkpoint latest."
+                        if kept else "No checkpoint was saved.")) from None
     accelerator.print(f"saved the fine-tuned model and tokenizer to {cfg.final_model_dir}")
     accelerator.end_training()
     return final

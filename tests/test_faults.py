@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -47,15 +48,37 @@ def test_an_output_path_below_a_file_is_refused_before_anything_loads(tiny_bert,
     assert f"{tmp_path / 'some_file.txt'} is a file, not a folder" in err
 
 
+@contextmanager
+def tmpfs(tmp_path, size):
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 500 kB tmpfs: room for one tiny checkpoint (about 320 kB), not for two."""
-    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+    with tmpfs(tmp_path, "500k") as mount:
+        yield mount
+
+
+def test_a_full_disk_at_the_final_save_leaves_the_previous_model_whole(tiny_bert, csv_data, tmp_path, capsys):
+    with tmpfs(tmp_path, "60k") as disk:  # the tiny model's weights alone are about 90 kB
+        previous = disk / "model"
+        previous.mkdir()
+        (previous / "config.json").write_text('{"an": "earlier model"}')
+        argv = train_args(tiny_bert, csv_data, tmp_path, "--max_steps", "2", "--save_strategy", "no", *QUICK)
+        argv[argv.index("--final_model_dir") + 1] = str(previous)
+        err = fails(argv, capsys, code=1)
+        assert f"could not save the fine-tuned model to {previous}: " in err and "Nothing half-written" in err
+        assert sorted(p.name for p in disk.iterdir()) == ["model"]  # the partial folder is gone
+        assert sorted(p.name for p in previous.iterdir()) == ["config.json"]
+        assert (previous / "config.json").read_text() == '{"an": "earlier model"}'
 
 
 def test_a_full_disk_fails_the_save_cleanly_and_the_last_checkpoint_resumes(tiny_bert, csv_data, tmp_path,
