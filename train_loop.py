@@ -801,12 +801,18 @@ def checkpoint_path(cfg, step):
 
 
 def delete_old_checkpoints(output_dir, limit, keep=None):
-    """--save_total_limit: the newest `limit` checkpoints stay, and the best one (Trainer's rule)."""
+    """--save_total_limit N, Trainer's rule (its trainer_utils.rotate_checkpoints, the tests' oracle):
+    N checkpoints stay, the best one among them. So the best and the newest N - 1 stay; with N = 1,
+    the best and the newest."""
     if limit is None:
         return
-    for path in list_checkpoints(output_dir)[:-limit]:
-        if path != keep:
-            shutil.rmtree(path)
+    checkpoints = list_checkpoints(output_dir)
+    if keep in checkpoints[:-1]:  # an older best counts as the second newest: it is kept
+        checkpoints.remove(keep)
+        checkpoints.insert(len(checkpoints) - 1, keep)
+        limit = max(limit, 2)
+    for path in checkpoints[:-limit]:
+        shutil.rmtree(path)
 
 
 TRAIN_CONFIG = "train_config.json"  # our settings; config.json is the model's, as in any model folder

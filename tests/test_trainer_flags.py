@@ -199,3 +199,19 @@ def test_data_seed_changes_the_order_only(tiny_bert, csv_data, tmp_path):
     other = records(tiny_bert, csv_data, tmp_path / "c", *flags, "--data_seed", "7")
     assert without_timings(default) == without_timings(same)  # --data_seed defaults to --seed
     assert default[0]["loss"] != other[0]["loss"]  # other batches first
+
+
+@pytest.mark.parametrize("limit, best, kept", [
+    (2, 4, [4, 8]),  # TrainingArguments: the best and the newest; N in all
+    (1, 4, [4, 8]),  # "two checkpoints may be saved: the last one and the best one"
+    (3, 2, [2, 6, 8]),
+    (2, 8, [6, 8]),  # the newest is the best: the newest N
+    (2, None, [6, 8]),
+])
+def test_save_total_limit_counts_the_best_checkpoint_as_trainer_does(limit, best, kept, tmp_path):
+    from transformers.trainer_utils import rotate_checkpoints  # Trainer's own rule, as the oracle
+    for rotate, folder in ((train_loop.delete_old_checkpoints, tmp_path / "ours"), (rotate_checkpoints, tmp_path / "trainer")):
+        for step in (2, 4, 6, 8):
+            (folder / f"checkpoint-{step}").mkdir(parents=True)
+        rotate(str(folder), limit, best and str(folder / f"checkpoint-{best}"))
+        assert sorted(int(p.name.split("-")[1]) for p in folder.iterdir()) == kept, rotate
