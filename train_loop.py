@@ -1075,10 +1075,11 @@ def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):
         write_log_line(run, pbar)
         if watch is not None:
             run.layer_log.write(watch, progress.global_step)
-    evaluated = cfg.eval_strategy == "steps" and progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0
+    last = progress.global_step >= run.total_steps  # Trainer 5 evaluates and saves there too, under "steps"
+    evaluated = cfg.eval_strategy == "steps" and (progress.global_step % (cfg.eval_steps or cfg.logging_steps) == 0 or last)
     if evaluated:
         run_evaluation(run)
-    if cfg.save_strategy == "steps" and progress.global_step % cfg.save_steps == 0 or best_save_due(run, evaluated):
+    if cfg.save_strategy == "steps" and (progress.global_step % cfg.save_steps == 0 or last) or best_save_due(run, evaluated):
         checkpoint(run)
     if run.profiler is not None:
         run.profiler.step()

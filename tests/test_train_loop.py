@@ -238,11 +238,12 @@ def test_checkpoints_are_atomic_and_limited(tiny_bert, csv_data, tmp_path):
     out = tmp_path / "results"
     run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "3",
         "--save_total_limit", "2")
-    assert sorted(os.listdir(out)) == ["checkpoint-12", "checkpoint-15", "confusion_matrix.png", "eval_results.json",
+    # Every 3 steps, and at the last (16), as in Trainer 5; the newest two stay.
+    assert sorted(os.listdir(out)) == ["checkpoint-15", "checkpoint-16", "confusion_matrix.png", "eval_results.json",
                                        "log_history.jsonl", "training_curves.png"]  # pictures: --plots, on by default
-    ckpt = out / "checkpoint-15"
+    ckpt = out / "checkpoint-16"
     with open(ckpt / "training_state.json") as f:
-        assert json.load(f)["global_step"] == 15
+        assert json.load(f)["global_step"] == 16
     with open(ckpt / "train_config.json") as f:
         assert json.load(f)["save_steps"] == 3
     # A save interrupted half-way leaves only a tmp- folder, which `latest` never picks.
@@ -306,6 +307,7 @@ def test_checkpoints_are_model_folders_and_old_ones_still_resume(tiny_bert, csv_
     shutil.copytree(tmp_path / "results", old / "results")
     old_ckpt = old / "results" / "checkpoint-3"
     (old_ckpt / "train_config.json").replace(old_ckpt / "config.json")  # the layout before this change
+    (old_ckpt / train_loop.MANIFEST).unlink()  # which had no manifest either
     for name in os.listdir(old_ckpt):
         if name.startswith(("tokenizer", "vocab", "special_tokens")):
             os.remove(old_ckpt / name)

@@ -35,7 +35,7 @@ def trainer_run(model_dir, dataset, out, **extra):
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=2, id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     args = TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True, train_sampling_strategy="random",
-                             save_strategy=extra.pop("save_strategy", "no"), **SETTINGS, **extra)
+                             save_strategy=extra.pop("save_strategy", "no"), **{**SETTINGS, **extra})
 
     def compute_metrics(prediction):
         logits, labels = prediction
@@ -98,3 +98,17 @@ def test_same_best_model_as_trainer(dropout_free_bert, csv_data, tmp_path):
     with open(tmp_path / "ours" / "results" / "checkpoint-16" / "training_state.json") as f:
         ours_best = json.load(f)["best_checkpoint"]
     assert os.path.basename(ours_best) == os.path.basename(trainer.state.best_model_checkpoint)
+
+
+def test_steps_strategies_also_evaluate_and_save_at_the_last_step_as_trainer_does(dropout_free_bert, csv_data, tmp_path):
+    """16 steps, every 5: Trainer 5 evaluates and saves at 5, 10, 15, and at 16, the last."""
+    every5 = dict(eval_strategy="steps", eval_steps=5, save_strategy="steps", save_steps=5)
+    theirs, their_weights, _ = trainer_run(dropout_free_bert, csv_data, tmp_path / "trainer", **every5)
+    reset_accelerate()
+    ours, our_weights, _ = our_run(dropout_free_bert, csv_data, tmp_path / "ours",
+                                   *[item for key, value in every5.items() for item in (f"--{key}", str(value))])
+    assert_same_run(theirs, ours, their_weights, our_weights)
+    evaluated = lambda logs: [r["step"] for r in logs if "eval_loss" in r]  # noqa: E731
+    assert evaluated(ours) == evaluated(theirs) == [5, 10, 15, 16]
+    saved = lambda folder: sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))  # noqa: E731
+    assert saved(tmp_path / "ours" / "results") == saved(tmp_path / "trainer") == [5, 10, 15, 16]
