@@ -763,25 +763,44 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier interrupted save
     accelerator.wait_for_everyone()
-    try:
-        write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp)
-        accelerator.wait_for_everyone()  # every process's part on disk before the manifest lists them
-        if accelerator.is_main_process:
-            write_manifest(tmp)
-    except (OSError, RuntimeError, SafetensorError) as err:  # a full disk, a quota, a lost mount
+    # Each process writes its part, then all learn whether any failed: a process whose own part
+    # was written must not wait forever for one that gave up (a full disk seen by one rank only).
+    error = attempt(write_checkpoint, accelerator, cfg, progress, model, tokenizer, tmp)
+    if not failed_anywhere(accelerator, error) and accelerator.is_main_process:
+        error = attempt(write_manifest, tmp)  # every process's part is on disk: the manifest lists them
+    if failed_anywhere(accelerator, error):
+        accelerator.wait_for_everyone()
         free = shutil.disk_usage(cfg.output_dir).free
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(cfg.output_dir)
+        what = model_utils.first_line(error) if error else "another process could not write its part (its message says why)"
         raise RunFailed(f"could not save checkpoint-{progress.global_step} into {cfg.output_dir} "
-                        f"({free / 1024:,.0f} kB were free there when the save failed): {model_utils.first_line(err)}. "
+                        f"({free / 1024:,.0f} kB were free there when the save failed): {what}. "
                         f"The partial folder was removed; {'the newest complete checkpoint, ' + kept[-1] + ', is intact and resumes with --resume_from_checkpoint latest' if kept else 'no earlier checkpoint exists'}. "
-                        "Free space (or choose another --output_dir), then resume.") from None
+                        "Free space (or choose another --output_dir), then resume.")
     accelerator.wait_for_everyone()  # the manifest on disk before the one rename that publishes it all
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         delete_old_checkpoints(cfg.output_dir, cfg.save_total_limit, keep=progress.best_checkpoint)
     accelerator.wait_for_everyone()
+
+
+def attempt(write, *args):
+    """Run a write; return the error of a full disk, a quota or a lost mount instead of raising it."""
+    try:
+        write(*args)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        return err
+    return None
+
+
+def failed_anywhere(accelerator, error):
+    """Whether any process got an error: a sum over processes, which is also a barrier."""
+    if accelerator.num_processes == 1:
+        return error is not None
+    return bool(accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum"))
 
 
 def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp):

@@ -6,8 +6,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 import uuid
 from contextlib import contextmanager
 
@@ -16,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_loop
-from conftest import assert_same_weights, read_records, reset_accelerate, train_args, without_timings
+from conftest import assert_same_weights, free_port, read_records, reset_accelerate, train_args, without_timings
+from models import ROOT
 
 QUICK = ("--plots", "false", "--eval_strategy", "no")
 
@@ -239,3 +242,24 @@ def test_a_checkpoints_manifest_lists_every_file_with_its_size_and_sha256(two_ch
     for name, want in files.items():
         data = (checkpoint / name).read_bytes()
         assert want == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_two_processes_both_stop_cleanly_when_a_save_fails(tiny_bert, csv_data, tmp_path, small_disk):
+    """The main process's part of checkpoint-4 does not fit. Every process learns of the failure
+    (save_checkpoint agrees on it) and exits with the message; none waits in a barrier to be killed."""
+    argv = train_args(tiny_bert, csv_data, tmp_path, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+                      *QUICK)
+    argv[argv.index("--output_dir") + 1] = str(small_disk)
+    launcher = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "train_loop.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PET_SHUTDOWN_TIMEOUT": "120"})
+    output = launcher.stdout + launcher.stderr
+    assert launcher.returncode == 1, output[-3000:]
+    assert "error: could not save checkpoint-4 into" in output, output[-3000:]
+    # torchrun's report: each process exited by itself with code 1, or was ended by the launcher's
+    # SIGTERM on its way out; none was left in a barrier until the launcher's SIGKILL (-9).
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", output, re.MULTILINE)
+    assert codes and set(codes) <= {"1", "-15"}, output[-3000:]
+    assert sorted(p.name for p in small_disk.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
