@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 # -----------------------------------------------------------------------------
@@ -118,10 +119,16 @@ def layer_of(name, base_prefix="bert"):
 
 
 def tensor_norms(tensors):
-    """L2 norm of each tensor, in fp32, fetched to the host in one transfer."""
+    """L2 norm of each tensor, in fp32, fetched to the host in one transfer.
+
+    Under FSDP2 a parameter (and its gradient) is a DTensor, of which each process holds a shard:
+    its norm is then a partial one per process, and `full_tensor()` combines them (an all-reduce),
+    so every process must call this at the same point, with the same tensors.
+    """
     if not tensors:
         return []
-    return torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors]).tolist()
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors]
+    return torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).tolist()
 
 
 def combine(norms):

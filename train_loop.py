@@ -1075,9 +1075,9 @@ def overflowed(run):
 
 
 def layer_stats_due(run):
-    """--log_layer_grad_norms, on the coming step if it logs, on the process that writes."""
-    return (run.layer_log is not None and run.accelerator.is_main_process
-            and (run.progress.global_step + 1) % run.cfg.logging_steps == 0)
+    """--log_layer_grad_norms, on the coming step if it logs. Every process measures (with FSDP's
+    sharded parameters each holds a part of every norm); the main process writes."""
+    return run.layer_log is not None and (run.progress.global_step + 1) % run.cfg.logging_steps == 0
 
 
 def after_step(run, step_loss, grad_norm, learning_rate, pbar, watch=None):

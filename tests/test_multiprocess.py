@@ -98,3 +98,19 @@ def test_two_process_checkpoints_are_model_folders_and_resume_exactly(tiny_bert,
                                                         "--resume_from_checkpoint", str(resumed_from)))
     assert without_timings(read_records(tmp_path / "resumed")) == without_timings(read_records(tmp_path / "straight"))
     assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_per_layer_norms_under_fsdp2_equal_the_unsharded_models(tiny_bert, tmp_path):
+    """--log_layer_grad_norms and inspect_model.py with sharded parameters: every process takes part,
+    and each layer's norm (and the total) is the whole parameter's, not one shard's."""
+    out = tmp_path / "norms"
+    launch_two(str(ROOT / "tests" / "two_process_fsdp_norms.py"), str(out), tiny_bert)
+    for rank in (0, 1):
+        result = json.loads(Path(f"{out}.{rank}").read_text())
+        plain, fsdp = result["plain"], result["fsdp"]
+        assert fsdp["sharded"] == "DTensor" and plain["sharded"] == "Parameter"
+        assert fsdp["shapes"] == plain["shapes"]  # the whole parameters' shapes, not the shards'
+        assert fsdp["per_layer"].keys() == plain["per_layer"].keys() and len(plain["per_layer"]) == 5
+        for layer, stats in plain["per_layer"].items():
+            assert fsdp["per_layer"][layer]["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-5), layer
+        assert fsdp["total"] == pytest.approx(plain["total"], rel=1e-5) and plain["total"] > 0
