@@ -370,6 +370,12 @@ def build_accelerator(cfg):
         )
     except ValueError as err:  # e.g. bf16 on a GPU without it, or a tracker that is not installed
         raise UsageError(f"cannot set up the accelerator (devices, precision, trackers): {err}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # what torchrun (accelerate launch) started
+    require(launched == accelerator.num_processes,
+            f"{launched} processes were launched, but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value} on {accelerator.device}): each would train alone, on "
+            "the same output folders. On a machine without a GPU, set ACCELERATE_USE_CPU=1 (see "
+            "configs/cpu_two_processes.yaml); otherwise check the distributed_type of your accelerate config.")
     set_tf32(cfg.tf32, accelerator.device)
     available = {str(getattr(tracker, "value", tracker)) for tracker in accelerator.log_with}
     missing = [name for name in cfg.report_to if name != "all" and name not in available]
