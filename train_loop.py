@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from accelerate import Accelerator
 from accelerate.utils import (OPTIMIZER_NAME, SCALER_NAME, DataLoaderConfiguration, DistributedType, LoggerType,
-                               set_seed)
+                               broadcast_object_list, set_seed)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, SchedulerType, get_scheduler
@@ -1489,6 +1489,7 @@ def start_run(cfg, setup):
     ))
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
+    require_shared_output_dir(accelerator, cfg.output_dir)
     resumed_step = None
     progress = Progress()
     if cfg.resume_from_checkpoint:
@@ -1503,6 +1504,30 @@ def start_run(cfg, setup):
     attach_study_tools(run, resumed_step)
     run.stop_request = StopRequest(accelerator)
     return run
+
+
+def require_shared_output_dir(accelerator, output_dir):
+    """With several processes, every one must see the folder the main process writes in: each
+    writes its part of a checkpoint there, and the main process renames the whole. On several
+    machines that needs a shared filesystem (NFS, Lustre, ...). Checked once, with a file the main
+    process writes and every process reads back."""
+    if accelerator.num_processes == 1:
+        return
+    token = [os.urandom(8).hex() if accelerator.is_main_process else None]
+    broadcast_object_list(token)  # the same random name on every process
+    path = os.path.join(output_dir, f".shared-check-{token[0]}")
+    if accelerator.is_main_process:
+        with open(path, "w") as f:
+            f.write(token[0])
+    accelerator.wait_for_everyone()
+    blind = int(accelerator.reduce(torch.tensor(float(not os.path.isfile(path)), device=accelerator.device), "sum"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.remove(path)
+    require(not blind, f"--output_dir {output_dir!r}: {blind} of the {accelerator.num_processes} processes do not see "
+                       "the folder the main process writes in, so checkpoints could not be assembled there. On "
+                       "several machines, put --output_dir on a filesystem they all mount (NFS, Lustre, ...), at the "
+                       "same path.")
 
 
 def attach_study_tools(run, resumed_step=None):

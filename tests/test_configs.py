@@ -107,3 +107,21 @@ def test_processes_that_would_each_train_alone_are_refused(tiny_bert, csv_data, 
     assert done.returncode == 1  # the launcher's; each process exited 2
     assert done.stderr.count("error: 2 processes were launched, but accelerate set up 1") == 2
     assert not (tmp_path / "results").exists()
+
+
+def test_machines_that_do_not_share_the_output_folder_are_refused(tiny_bert, csv_data, tmp_path):
+    """Two "machines" whose --output_dir is not the same folder (as on two hosts without a shared
+    filesystem): refused before training, on both, with the reason."""
+    port = free_port()
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_two_processes.yaml"),
+         "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), "train_loop.py", *train_args(tiny_bert, csv_data, tmp_path / f"host{rank}", *QUICK)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [1, 1], outputs[0][-2000:]
+    for output in outputs:
+        assert "1 of the 2 processes do not see the folder the main process writes in" in output, output[-2000:]
+    assert not list((tmp_path / "host0" / "results").glob("checkpoint-*"))
+    assert not list((tmp_path / "host0" / "results").glob(".shared-check-*"))  # the probe is cleaned up
