@@ -2,6 +2,7 @@
 
     python -m bench.serve_speed                    # minilm-l6 + a 2-label head, 400 requests at concurrency 1 and 16
     python -m bench.serve_speed --model_dir ./fine-tuned-bert --requests 1000 --concurrency 1 4 16 32
+    python -m bench.serve_speed --compare_dir /tmp/before   # and the app of another checkout, side by side
 
 Each server runs in its own process under the same uvicorn settings (one worker, no access log);
 they take turns, in --rounds alternating rounds, so that load from other jobs on a shared machine
@@ -82,13 +83,16 @@ def short_reviews(model_dir, max_tokens, n, seed=0):
     return short[:n], sorted(lengths[texts.index(t)] for t in short[:n])
 
 
-def start_server(app_env, model_dir, port):
-    """The app with `app_env` added to its environment, or the baseline when `app_env` is None."""
+def start_server(app_env, model_dir, port, root=ROOT):
+    """The app with `app_env` added to its environment, or the baseline when `app_env` is None;
+    run from `root`, whose serve/ package it imports (another checkout, for --compare_dir)."""
     target = ["bench.serve_speed:create_baseline_app" if app_env is None else "serve.app:app_from_env", "--factory"]
-    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir), **(app_env or {})}
+    # SERVE_ACCESS_LOG=false: no line per request from the app either, as --no-access-log for uvicorn's own.
+    env = {**os.environ, "SERVE_MODEL_DIR": str(model_dir), "BENCH_MODEL_DIR": str(model_dir),
+           "SERVE_ACCESS_LOG": "false", **(app_env or {})}
     cmd = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port),
            "--no-access-log", "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env)
+    return subprocess.Popen(cmd, cwd=root, env=env)
 
 
 def wait_healthy(url, process, timeout=120):
@@ -168,12 +172,15 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
-def server_kinds(app_env, compare_env):
-    """Server name -> the app's extra environment; None is the baseline. `compare_env` adds a
-    second app, so that a setting is measured against the default in the same run."""
-    kinds = {"baseline": None, "app": app_env}
+def server_kinds(app_env, compare_env, compare_dir=None):
+    """Server name -> (the app's extra environment, the folder it runs from); an environment of None
+    is the baseline. `compare_env` adds a second app, so that a setting is measured against the default
+    in the same run; `compare_dir` the app of another checkout (the code before a change, say)."""
+    kinds = {"baseline": (None, ROOT), "app": (app_env, ROOT)}
     if compare_env:
-        kinds["app " + " ".join(f"{k}={v}" for k, v in compare_env.items())] = {**app_env, **compare_env}
+        kinds["app " + " ".join(f"{k}={v}" for k, v in compare_env.items())] = ({**app_env, **compare_env}, ROOT)
+    if compare_dir:
+        kinds[f"app in {compare_dir}"] = (app_env, Path(compare_dir).resolve())
     return kinds
 
 
@@ -181,7 +188,8 @@ def bench(model_dir, port, texts, concurrencies, rounds, kinds, clients):
     """Every server up at once (an idle one costs no CPU), measured in alternating rounds, so a
     background job on a shared machine slows all alike instead of skewing one side."""
     urls = {kind: f"http://127.0.0.1:{port + i}" for i, kind in enumerate(kinds)}
-    processes = {kind: start_server(env, model_dir, port + i) for i, (kind, env) in enumerate(kinds.items())}
+    processes = {kind: start_server(env, model_dir, port + i, root)
+                 for i, (kind, (env, root)) in enumerate(kinds.items())}
     rows = []
     try:
         for kind in kinds:
@@ -282,6 +290,8 @@ def parse_args():
                         help="more environment for the app only, e.g. SERVE_FORWARD_COST_TOKENS=64 OMP_NUM_THREADS=1")
     parser.add_argument("--compare_env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="also measure a second app with this environment, e.g. SERVE_PACKED=false")
+    parser.add_argument("--compare_dir", help="also measure the app of another checkout of this repository, "
+                                              "run from that folder (e.g. the code before a change)")
     args = parser.parse_args()
     args.app_env, args.compare_env = (parse_env(parser, name, getattr(args, name)) for name in ("app_env", "compare_env"))
     if args.max_wait_ms:
@@ -307,7 +317,7 @@ def main():
         print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
               f"python {platform.python_version()}")
         print(HEADER)
-        kinds = server_kinds(args.app_env, args.compare_env)
+        kinds = server_kinds(args.app_env, args.compare_env, args.compare_dir)
         rows = bench(model_dir, args.port, texts, args.concurrency, args.rounds, kinds, args.client)
         print_summary(rows)
 

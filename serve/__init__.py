@@ -4,8 +4,10 @@ Three layers (HTTP, the batching core, the model), kept apart as Text Embeddings
 its router, core and backends:
 
     app.py          HTTP: config, request checks, routes, errors          python -m serve
+    ecosystem.py    HTTP: TEI's /predict body and answer, the Hub's POST /, TEI's timing headers
+    metrics.py      HTTP: Prometheus metrics, request ids, one log line per request
     batching.py     limits, input validation, the batching worker
-    classifier.py   the loaded model behind the worker: padded batches, split by length
+    classifier.py   the loaded model behind the worker: each batch tokenized, padded batches split by length
     packed.py       packed batches: no padding at all (a BERT model on a CPU)
     predict.py      the same worker from the command line                 python -m serve.predict
 

@@ -1,6 +1,10 @@
 """Sentiment web app: a page for people (GET /) and a JSON API for programs (POST /predict).
 
-Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tuned-bert).
+Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tuned-bert). POST /predict
+also speaks Text Embeddings Inference's API ({"inputs": ...}), POST / the Hub's (what
+huggingface_hub.InferenceClient(base_url=...).text_classification sends): serve/ecosystem.py.
+GET /metrics reports Prometheus metrics named as TEI's; each answer carries x-request-id and each
+request has a log line with it (serve/metrics.py).
 
     python -m serve                                          # ./fine-tuned-bert on http://127.0.0.1:8000
     python -m serve --model_dir path/to/model --host 0.0.0.0 --port 8080
@@ -9,6 +13,7 @@ Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tune
                                                              # the same app under uvicorn's own CLI;
                                                              # every flag is also SERVE_<FLAG> in the environment
     curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"text": "A wonderful film."}'
+    curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"inputs": "A wonderful film."}'
 
 The model loads in the background once the server is up: GET /health answers 503 until it is
 loaded and warmed up, then 200. All model calls go through one batching worker (serve/batching.py).
@@ -46,7 +51,7 @@ from typing import Annotated, Literal
 import torch
 import uvicorn
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictStr, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -55,7 +60,10 @@ from transformers import HfArgumentParser
 from errors import UsageError, exit_on_usage_error
 from model_utils import check_model_dir
 from serve.batching import InputError, Limits, Overloaded, check_texts
-from serve.classifier import Classifier, to_prediction
+from serve.classifier import Classifier, Text, softmax, to_prediction
+from serve.ecosystem import (ErrorType, HubPrediction, Task, TeiPrediction, check_inputs, error_type_for, hub_answer,
+                             hub_request, hub_task, tei_answer, tei_request, tei_task, timing_headers)
+from serve.metrics import Metrics, RequestLog
 
 log = logging.getLogger("app")
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -82,6 +90,10 @@ class ServeConfig(Limits):
         default=20.0,
         metadata={"help": "on SIGTERM, the longest to wait for open requests before cancelling them; under "
                           "Kubernetes' default 30 s grace period (uvicorn's CLI: --timeout-graceful-shutdown)"},
+    )
+    access_log: bool = field(
+        default=True,
+        metadata={"help": "one log line per request, with its x-request-id (in place of uvicorn's access log)"},
     )
 
 
@@ -142,9 +154,10 @@ def find_eval_results(cfg):
 
 
 class ModelState:
-    def __init__(self, cfg, exit_on_failure=False):
+    def __init__(self, cfg, exit_on_failure=False, on_ready=None):
         self.cfg = cfg
         self.exit_on_failure = exit_on_failure  # a server process stops; an app inside a test keeps serving 503
+        self.on_ready = on_ready  # called with the classifier before it serves (the metrics hook in)
         self.classifier = None  # set once loaded and warmed up
         self.error = None  # set if loading failed
 
@@ -152,7 +165,10 @@ class ModelState:
         """Runs in a background thread; assigning `classifier` is what makes /health say 200."""
         try:
             started = time.perf_counter()
-            self.classifier = load_classifier(self.cfg.model_dir, self.cfg, self.cfg.device)
+            classifier = load_classifier(self.cfg.model_dir, self.cfg, self.cfg.device)
+            if self.on_ready is not None:
+                self.on_ready(classifier)
+            self.classifier = classifier
             log.info("model %s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, time.perf_counter() - started)
         except Exception as err:  # a broken folder (truncated weights, say): one paragraph, no traceback
             self.error = str(err).rstrip(".") or type(err).__name__
@@ -175,11 +191,12 @@ class ModelState:
 
 
 def predict_request(limits):
-    """The /predict body as a type: {"text": ...} or {"texts": [...]}, never both, never neither
-    (`oneOf` in /openapi.json, so that the schema says exactly what the app accepts).
+    """The /predict body as a type: {"text": ...}, {"texts": [...]} or TEI's {"inputs": ...}, exactly
+    one of the three (`oneOf` in /openapi.json, so that the schema says exactly what the app accepts).
 
     The limits appear in the schema (maxLength, maxItems, a non-blank pattern), but check_texts
     enforces them, as for the command line: sizes answer 413, as in TEI, where pydantic would say 422.
+    (TEI's own body follows TEI's checks: serve/ecosystem.py.)
     """
     review = Annotated[StrictStr, Field(json_schema_extra={"maxLength": limits.max_chars, "pattern": r"\S"})]
 
@@ -192,18 +209,30 @@ def predict_request(limits):
         texts: list[review] = Field(description=f"several reviews (at most {limits.max_inputs}), answered in order",
                                     json_schema_extra={"minItems": 1, "maxItems": limits.max_inputs})
 
-    one_of = Annotated[OneText, Tag("text")] | Annotated[ManyTexts, Tag("texts")]
+    one_of = (Annotated[OneText, Tag("text")] | Annotated[ManyTexts, Tag("texts")]
+              | Annotated[tei_request(limits), Tag("inputs")])
     return Annotated[one_of, Discriminator(input_field, custom_error_type="one_of",
-                                           custom_error_message='send exactly one of "text" or "texts"')]
+                                           custom_error_message='send exactly one of "text", "texts" or "inputs"')]
+
+
+SHAPES = ("text", "texts", "inputs")
 
 
 def input_field(body):
-    """Which shape a body has: "text" or "texts" when it holds exactly one of them (null counts as
-    absent), else None, and pydantic reports a "one_of" error."""
+    """Which shape a body has: "text", "texts" or "inputs" when it holds exactly one of them (null
+    counts as absent), else None, and pydantic reports a "one_of" error."""
     if not isinstance(body, dict):
         return None
-    present = [name for name in ("text", "texts") if body.get(name) is not None]
+    present = [name for name in SHAPES if body.get(name) is not None]
     return present[0] if len(present) == 1 else None
+
+
+def our_task(body):
+    if hasattr(body, "inputs"):
+        return tei_task(body)
+    if hasattr(body, "texts"):
+        return Task("ours", body.texts, single=False)
+    return Task("ours", [body.text], single=True, name=lambda i: "text")
 
 
 class Prediction(BaseModel):
@@ -216,19 +245,25 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one per input text, in input order")
 
 
+# What /predict answers: ours for {"text"} and {"texts"}; TEI's for {"inputs"}, a flat list for one input.
+PREDICT_ANSWERS = PredictResponse | list[TeiPrediction] | list[list[TeiPrediction]]
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"]
 
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="what is wrong, in one paragraph")
+    error_type: ErrorType = Field(description="the class of problem, in Text Embeddings Inference's words")
 
 
 # Every status a route answers besides 200, documented in /openapi.json.
 WHEN = {
-    400: "the body is not UTF-8",
-    413: "the body, a text or the number of texts is over its limit",
-    422: "the body is not one of the accepted shapes, or a text is blank or not valid Unicode",
+    400: "the body is not UTF-8; in TEI's and the Hub's API, a text is empty (error_type Empty)",
+    413: "the body, a text or the number of texts is over its limit (in TEI's and the Hub's API, only the body)",
+    422: "the body is not one of the accepted shapes, a text is blank or not valid Unicode; in TEI's and the "
+         "Hub's API also too many texts, or a text over the model's maximum with truncate false",
     429: "too many texts are waiting for the model; retry after Retry-After seconds",
     503: "the model is still loading",
 }
@@ -239,26 +274,43 @@ def documented(*codes):
 
 
 # -----------------------------------------------------------------------------
-# errors: always JSON {"error": "..."}, never a stack trace
+# errors: always JSON {"error": "...", "error_type": "..."}, never a stack trace
 
 
-def error(status, message, headers=None):
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def error(status, message, headers=None, error_type=None):
+    """The error body of every route: TEI's ErrorResponse, whatever style the request had."""
+    return JSONResponse({"error": message, "error_type": error_type or error_type_for(status)}, status_code=status,
+                        headers=headers)
 
 
-def describe_validation_errors(errors):
-    """FastAPI's error list -> one readable sentence per problem, e.g. "texts[1]: Input should be a valid string"."""
+# What each body shape takes, for the message about an unknown field.
+FIELDS = {
+    "text": "send 'text' or 'texts'",
+    "texts": "send 'text' or 'texts'",
+    "inputs": "TEI's API takes 'inputs', 'truncate', 'truncation_direction' and 'raw_scores'",
+    "hub": "POST / takes 'inputs' and 'parameters'",
+    "parameters": "'parameters' takes 'top_k' and 'function_to_apply'",
+}
+EXAMPLES = {"/predict": '{"text": "..."}', "/": '{"inputs": "..."}'}
+
+
+def describe_validation_errors(errors, path="/predict"):
+    """FastAPI's error list -> one readable sentence per problem, e.g. "texts[1]: Input should be a valid string".
+    On /predict the second part of each location is the body's shape ("text", "texts", "inputs")."""
     parts = []
     for err in errors:
-        loc = [str(part) for part in err.get("loc", ())][2:]  # drop "body" and the shape's tag ("text"/"texts")
+        loc = [str(part) for part in err.get("loc", ())][1:]  # drop "body"
+        shape = loc.pop(0) if path == "/predict" and loc else "hub"
         if err.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
         elif err.get("type") == "one_of":
             parts.append(describe_wrong_shape(err.get("input")))
+        elif err.get("type") == "inputs":  # serve/ecosystem.py's own sentence
+            parts.append(err.get("msg"))
         elif not loc:  # no body at all, or a form
-            parts.append('the body must be a JSON object such as {"text": "..."}, sent as application/json')
+            parts.append(f"the body must be a JSON object such as {EXAMPLES.get(path, '{}')}, sent as application/json")
         elif err.get("type") == "extra_forbidden":
-            parts.append(f"unknown field {loc[-1]!r}: send 'text' or 'texts'")
+            parts.append(f"unknown field {loc[-1]!r}: {FIELDS['parameters' if loc[0] == 'parameters' else shape]}")
         else:
             where = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in loc).lstrip(".") or "body"
             parts.append(f"{where}: {err.get('msg')}")
@@ -266,21 +318,32 @@ def describe_validation_errors(errors):
 
 
 def describe_wrong_shape(body):
-    """A body that is neither {"text": ...} nor {"texts": [...]}."""
+    """A body that is none of {"text": ...}, {"texts": [...]} and {"inputs": ...}."""
     if not isinstance(body, dict):  # a list, a string, a number
         return 'the body must be a JSON object such as {"text": "..."}, sent as application/json'
-    unknown = sorted(set(body) - {"text", "texts"})
-    if unknown and body.get("text") is None and body.get("texts") is None:
-        return f"unknown field {unknown[0]!r}: send 'text' or 'texts'"
-    return 'send exactly one of "text" (a string) or "texts" (a list of strings)'
+    unknown = sorted(set(body) - set(SHAPES))
+    if unknown and all(body.get(name) is None for name in SHAPES):
+        return f"unknown field {unknown[0]!r}: send 'text' or 'texts' (or TEI's 'inputs')"
+    return ('send exactly one of "text" (a string), "texts" (a list of strings) or "inputs" (Text Embeddings '
+            'Inference\'s API)')
 
 
 async def validation_error(request, exc):
-    return error(422, describe_validation_errors(exc.errors()))
+    return error(422, describe_validation_errors(exc.errors(), request.url.path))
 
 
 async def http_error(request, exc):
-    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Starlette names the methods of one route; GET / and POST / are two
+        headers = {name: value for name, value in (headers or {}).items() if name.lower() != "allow"}
+        headers["allow"] = ", ".join(allowed_methods(request.app, request.url.path))
+    return error(exc.status_code, str(exc.detail), headers)
+
+
+def allowed_methods(app, path):
+    """Every method some route of `app` answers at `path`, sorted: the 405's Allow header."""
+    return sorted({method for route in app.routes if getattr(route, "methods", None) and route.path_regex.match(path)
+                   for method in route.methods})
 
 
 async def unexpected_error(request, exc):
@@ -359,6 +422,96 @@ async def discard_body(receive, max_bytes, max_seconds):
 
 
 # -----------------------------------------------------------------------------
+# classification: one path for every body style (ours, TEI's, the Hub's)
+
+
+async def classify(task, state, cfg, metrics):
+    """Check, classify (the batching worker tokenizes too), answer in the task's style with TEI's
+    timing headers. Counts the request in te_request_count and exactly one of
+    te_request_success or te_request_failure{err}, TEI's labels for why."""
+    started = time.perf_counter()
+    method = "single" if task.single else "batch"
+    metrics.request_count.labels(method).inc()
+    classifier = state.classifier
+    if classifier is None:
+        return refused(metrics, "unhealthy", error(503, state.not_ready()))
+    try:
+        check_task(task, cfg)
+    except InputError as err:
+        return refused(metrics, "batch_size" if len(task.texts) > cfg.max_inputs else "validation", err)
+    texts = [Text(text, task.side) for text in task.texts]
+    if not task.truncate:  # the one case where the lengths must be known before the queue
+        try:
+            for text, ids in zip(texts, await untruncated_ids(task, classifier)):
+                text.ids = ids
+        except InputError as err:
+            return refused(metrics, "tokenization", err)
+    checked = time.perf_counter()
+    try:
+        job = classifier.worker.submit_job(texts)
+    except Overloaded as err:
+        busy = "Model is overloaded" if task.style != "ours" else "server busy"
+        return refused(metrics, "overloaded", error(429, f"{busy}: {err}", headers={"retry-after": "1"}))
+    try:
+        rows = await asyncio.wrap_future(job.future)
+    except Exception:
+        metrics.request_failure.labels("inference").inc()
+        raise  # a bug or a failed model: unexpected_error answers 500, the log has the traceback
+    answer = answer_for(task, rows, classifier)
+    ids = [text.ids for text in texts]
+    seconds = request_seconds(started, checked, job, texts)
+    metrics.answered(method, ids, seconds)
+    headers = timing_headers(classifier.device_type, sum(map(len, task.texts)), sum(map(len, ids)), *seconds)
+    return JSONResponse(answer, headers=headers)
+
+
+def request_seconds(started, checked, job, texts):
+    """(total, tokenization, queue, inference) for TEI's headers and histograms: the checks (and any
+    tokenizing before the queue), then the means over the texts of the queue wait, the batch's
+    tokenizing and the rest of the batch's run."""
+    batch_tokenization = sum(text.tokenization_seconds for text in texts) / len(texts)
+    return (time.perf_counter() - started, checked - started + batch_tokenization, job.queue_seconds / len(texts),
+            job.inference_seconds / len(texts) - batch_tokenization)
+
+
+# Up to this many characters, texts that must not be truncated are tokenized on the event loop: a
+# review of 500 characters takes ~0.15 ms, less than handing it to a thread and back. Longer ones
+# go to the tokenizer thread, so that tens of milliseconds of tokenizing stall no other request.
+INLINE_TOKENIZE_CHARS = 20_000
+
+
+async def untruncated_ids(task, classifier):
+    if sum(map(len, task.texts)) <= INLINE_TOKENIZE_CHARS:
+        return classifier.encode(task.texts, task.name)
+    return await asyncio.wrap_future(classifier.encode_async(task.texts, task.name))
+
+
+def check_task(task, cfg):
+    """Our body, our checks (413 for sizes); TEI's and the Hub's, TEI's checks (serve/ecosystem.py)."""
+    if task.style == "ours":
+        check_texts(task.texts, cfg, task.name)
+    else:
+        check_inputs(task, cfg)
+
+
+def refused(metrics, err, answer):
+    """Count a refusal under TEI's te_request_failure label `err`; `answer` is a response or an InputError."""
+    metrics.request_failure.labels(err).inc()
+    if isinstance(answer, InputError):
+        return error(answer.status, str(answer), error_type=answer.error_type)
+    return answer
+
+
+def answer_for(task, rows, classifier):
+    """The answer body in the task's style, from each text's logits."""
+    if task.style == "tei":
+        return tei_answer(rows, classifier.labels, task)
+    if task.style == "hub":
+        return hub_answer(rows, classifier.labels, task, classifier.config)
+    return {"predictions": [to_prediction(softmax(logits), classifier.labels) for logits in rows]}
+
+
+# -----------------------------------------------------------------------------
 # the app
 
 
@@ -368,22 +521,37 @@ def create_app(cfg, load_classifier=Classifier, exit_on_load_failure=False):
     exit_on_load_failure: a model that cannot load stops the server process (exit code 1), for
     `python -m serve` and the uvicorn factory; otherwise (a test, an app embedding this one, whose
     process is not ours to end) it keeps answering 503 with the reason."""
-    state = ModelState(cfg, exit_on_failure=exit_on_load_failure)
+    metrics = Metrics()
+    state = ModelState(cfg, exit_on_failure=exit_on_load_failure, on_ready=partial(hook_metrics, metrics))
+    metrics.watch_queue(lambda: state.classifier.worker.queued() if state.classifier else 0)
     app = FastAPIOffline(  # FastAPI whose /docs needs no CDN: users may be offline
         title="Sentiment analysis",
-        description="Classifies movie reviews with a fine-tuned BERT. The page for people is at /.",
+        description="Classifies movie reviews with a fine-tuned BERT. The page for people is at /. "
+                    "POST /predict also takes Text Embeddings Inference's body, POST / the Hub's.",
         lifespan=partial(load_in_background, state=state, load_classifier=load_classifier),
     )
     app.state.model = state
+    app.state.metrics = metrics
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     add_page(app)
-    add_predict(app, cfg, state)
+    add_hub(app, cfg, state, metrics)
+    add_predict(app, cfg, state, metrics)
     add_health(app, state)
     add_info(app, cfg, state)
+    add_metrics(app, metrics)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    # Added last, so outermost: a 413 from BodyLimit is counted, logged and carries x-request-id too.
+    app.add_middleware(RequestLog, metrics=metrics, routes=frozenset(route.path for route in app.routes),
+                       access_log=cfg.access_log)
     return app
+
+
+def hook_metrics(metrics, classifier):
+    """Before the loaded classifier serves: its batches feed te_batch_next_size and te_batch_next_tokens
+    (the warm-up batches, before this, are not requests and are not counted)."""
+    classifier.worker.on_batch = metrics.batch_done
 
 
 @asynccontextmanager
@@ -416,30 +584,31 @@ def exit_now(code):
 
 
 def add_page(app):
-    @app.get("/", include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse)
     async def page():
+        """The page for people: paste a review, see its label."""
         return FileResponse(PAGE, media_type="text/html; charset=utf-8")
 
 
-def add_predict(app, cfg, state):
+def add_hub(app, cfg, state, metrics):
+    request = hub_request(cfg)
+
+    @app.post("/", response_model=list[list[HubPrediction]], responses=documented(400, 413, 422, 429, 503),
+              description="The Hub's text-classification API, as `huggingface_hub.InferenceClient(base_url=...)."
+                          "text_classification` sends it: one list per input, the best labels first.")
+    async def hub(body: request):
+        return await classify(hub_task(body), state, cfg, metrics)
+
+
+def add_predict(app, cfg, state, metrics):
     request = predict_request(cfg)
 
-    @app.post("/predict", response_model=PredictResponse, responses=documented(400, 413, 422, 429, 503),
+    @app.post("/predict", response_model=PREDICT_ANSWERS, responses=documented(400, 413, 422, 429, 503),
               description=f"Classify `text` or up to {cfg.max_inputs} `texts`; longer reviews are truncated "
-                          "to the model's maximum.")
+                          "to the model's maximum. Or send Text Embeddings Inference's body (`inputs`, "
+                          "`truncate`, `truncation_direction`, `raw_scores`) for TEI's answer.")
     async def predict(body: request):
-        if state.classifier is None:
-            return error(503, state.not_ready())
-        one = not hasattr(body, "texts")
-        texts = [body.text] if one else body.texts
-        try:
-            check_texts(texts, cfg, name=(lambda i: "text") if one else (lambda i: f"texts[{i}]"))
-            rows = await asyncio.wrap_future(state.classifier.submit(texts))
-        except InputError as err:
-            return error(err.status, str(err))
-        except Overloaded as err:
-            return error(429, f"server busy: {err}", headers={"retry-after": "1"})
-        return {"predictions": [to_prediction(row, state.classifier.labels) for row in rows]}
+        return await classify(our_task(body), state, cfg, metrics)
 
 
 def add_health(app, state):
@@ -476,6 +645,14 @@ def add_info(app, cfg, state):
         }
 
 
+def add_metrics(app, metrics):
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics():
+        """Prometheus metrics, named as Text Embeddings Inference's where it has the same one (docs/serving.md)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with exit_on_usage_error():
@@ -483,8 +660,9 @@ def main(argv=None):
         check_model_dir(cfg.model_dir)  # a wrong path fails here, before the port is bound
     log.info("serving %s on http://%s:%d (model loading; /health says when ready)", cfg.model_dir, cfg.host, cfg.port)
     signal.signal(signal.SIGTERM, exit_cleanly)
+    # access_log=False: the app logs each request itself, with its request id (serve/metrics.py).
     uvicorn.run(create_app(cfg, exit_on_load_failure=True), host=cfg.host, port=cfg.port, log_level="info",
-                timeout_graceful_shutdown=cfg.graceful_shutdown_s)
+                access_log=False, timeout_graceful_shutdown=cfg.graceful_shutdown_s)
 
 
 def exit_cleanly(signum, frame):
@@ -497,6 +675,9 @@ def exit_cleanly(signum, frame):
 def app_from_env():
     """The app factory for `uvicorn serve.app:app_from_env --factory`: flags from SERVE_<FLAG> variables.
     Nothing loads until the server starts."""
+    # uvicorn configures its own loggers only: without this, the app's lines (model loaded, one per
+    # request) would not show. (A root handler set up before, by whoever embeds us, is kept.)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with exit_on_usage_error():
         return create_app(config_from_env(), exit_on_load_failure=True)
 

@@ -1,24 +1,29 @@
 """The batching worker and the limits it enforces: the serving core, shared by the web app
 (serve/app.py) and the command line (serve/predict.py).
 
-One worker thread owns the model. Callers put texts on a queue and get a future back; the worker
-takes whatever is waiting, waits a few milliseconds for more when more are likely to come (up to a
-batch limit), runs them as one batch, and hands each caller its own rows. Why one worker: on a
-CPU, 16 requests run one at a time cost 16 forward passes of small matrices, while one batch of 16
-uses the cores far better (docs/serving.md); and the tokenizer is used by one thread only (it is
-not thread-safe across differing settings in transformers 5).
+One worker thread owns the model. Callers put their inputs (tokenized texts) on a queue and get a
+future back; the worker takes whatever is waiting, waits a few milliseconds for more when more are
+likely to come (up to a batch limit), runs them as one batch, and hands each caller its own rows.
+Why one worker: on a CPU, 16 requests run one at a time cost 16 forward passes of small matrices,
+while one batch of 16 uses the cores far better (docs/serving.md).
 
-The worker knows nothing of models: it calls `predict_fn(texts) -> (B, num_labels) probabilities`.
-serve/classifier.py supplies that function; serve/app.py checks each request with `check_texts`
-before it reaches the queue.
+The worker knows nothing of models: it calls `predict_fn(inputs) -> (B, num_labels) scores` on
+whatever its callers queue (token ids, from serve/classifier.py, which also supplies the function).
+serve/app.py checks each request with `check_texts` before it reaches the queue. Each job records
+how long its inputs waited in the queue and how long their batches ran (the /metrics histograms
+and timing headers, as Text Embeddings Inference reports them).
 """
 
+import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+
+log = logging.getLogger("batching")
 
 
 # -----------------------------------------------------------------------------
@@ -58,11 +63,13 @@ class Limits:
 
 
 class InputError(ValueError):
-    """A request the caller must fix. `status` is the HTTP code the web app answers with."""
+    """A request the caller must fix. `status` is the HTTP code the web app answers with; `error_type`
+    the class of problem in TEI's words ("Validation", or "Empty" for an empty text in TEI's API)."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, error_type="Validation"):
         super().__init__(message)
         self.status = status
+        self.error_type = error_type
 
 
 class Overloaded(RuntimeError):
@@ -111,13 +118,20 @@ def is_encodable(text):
 
 
 class Job:
-    """One caller's texts: filled row by row (a job may span two batches), resolved when complete."""
+    """One caller's inputs: filled row by row (a job may span two batches), resolved when complete.
 
-    def __init__(self, texts):
-        self.texts = texts
-        self.rows = [None] * len(texts)
-        self.missing = len(texts)
+    The timings are sums over its inputs (divide by len(inputs) for a mean, as TEI's headers give
+    for a batch request): seconds from submit() until the input's batch started, and its batch's run.
+    """
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+        self.rows = [None] * len(inputs)
+        self.missing = len(inputs)
         self.future = Future()
+        self.queued_at = time.perf_counter()
+        self.queue_seconds = 0.0
+        self.inference_seconds = 0.0
 
     def set_row(self, index, row):
         self.rows[index] = row
@@ -134,11 +148,16 @@ STOP = object()  # queued by close(): the worker finishes what is queued before 
 
 
 class BatchWorker:
-    """The one thread that calls `predict_fn(texts) -> (B, num_labels) probabilities`."""
+    """The one thread that calls `predict_fn(inputs) -> (B, num_labels) scores`.
 
-    def __init__(self, predict_fn, limits):
+    on_batch(inputs, seconds), if given, hears of every batch that ran without error, from the worker
+    thread (the metrics).
+    """
+
+    def __init__(self, predict_fn, limits, on_batch=None):
         self.predict_fn = predict_fn
         self.limits = limits
+        self.on_batch = on_batch
         self.queue = queue.SimpleQueue()  # (job, row index), one item per text
         self.lock = threading.Lock()  # guards `waiting` and `closed` against concurrent submitters
         self.waiting = 0
@@ -149,20 +168,28 @@ class BatchWorker:
         self.thread = threading.Thread(target=self.run, name="batch-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, texts):
-        """Queue `texts`; returns a Future of their probability rows, in order. Raises Overloaded."""
+    def submit(self, inputs):
+        """Queue `inputs`; returns a Future of their score rows, in order. Raises Overloaded."""
+        return self.submit_job(inputs).future
+
+    def submit_job(self, inputs):
+        """Queue `inputs`; returns their Job (its future, and its timings once resolved). Raises Overloaded."""
         with self.lock:
             if self.closed:
                 raise Overloaded("the server is shutting down.")
-            if self.waiting + len(texts) > self.limits.max_queue:
+            if self.waiting + len(inputs) > self.limits.max_queue:
                 raise Overloaded(
                     f"{self.waiting} texts are already waiting (limit {self.limits.max_queue}); retry shortly."
                 )
-            self.waiting += len(texts)
-        job = Job(texts)
-        for index in range(len(texts)):
+            self.waiting += len(inputs)
+        job = Job(inputs)
+        for index in range(len(inputs)):
             self.queue.put((job, index))
-        return job.future
+        return job
+
+    def queued(self):
+        """Inputs waiting for a batch, not counting the batch that runs: TEI's te_queue_size."""
+        return self.queue.qsize()
 
     def close(self):
         with self.lock:
@@ -173,6 +200,13 @@ class BatchWorker:
     def run(self):
         while (batch := self.gather()) is not None:
             self.run_batch(batch)
+
+    def report(self, inputs, seconds):
+        """on_batch, which must not stop the worker: a failing hook is logged, and serving goes on."""
+        try:
+            self.on_batch(inputs, seconds)
+        except Exception:
+            log.exception("on_batch failed; the batch's answers are not affected")
 
     def gather(self):
         """Block for the first text, then take whatever is queued, waiting up to max_wait_ms for more
@@ -202,18 +236,25 @@ class BatchWorker:
         return batch
 
     def run_batch(self, batch):
+        inputs = [job.inputs[index] for job, index in batch]
+        started = time.perf_counter()
         try:
-            probs, failure = self.predict_fn([job.texts[index] for job, index in batch]).tolist(), None
+            rows, failure = self.predict_fn(inputs).tolist(), None
         except Exception as err:  # e.g. out of memory: every caller in this batch gets the error
-            probs, failure = None, err
+            rows, failure = None, err
+        seconds = time.perf_counter() - started
         # Free the queue space before answering: a caller that has its answer may send again at once.
         with self.lock:
             self.expected = self.waiting  # this batch and the texts queued behind it
             self.waiting -= len(batch)
         self.batches += 1
         self.texts_done += len(batch)
+        if self.on_batch is not None and failure is None:
+            self.report(inputs, seconds)
         for i, (job, index) in enumerate(batch):
+            job.queue_seconds += started - job.queued_at  # before set_row: the last row resolves the future
+            job.inference_seconds += seconds
             if failure is None:
-                job.set_row(index, probs[i])
+                job.set_row(index, rows[i])
             else:
                 job.fail(failure)

@@ -8,7 +8,7 @@ must not mix texts: `packed_sdpa` runs it text by text, between the offsets in `
 (the name flash-attention's variable-length kernels use; TEI packs BERT batches with those on GPUs).
 
     if can_pack(model) and use_packed_attention(model):
-        probs = classify_packed(model, tokenizer, texts, max_length)   # (len(texts), num_labels)
+        logits = classify_packed(model, ids)   # ids: token ids per text, truncated; (len(ids), num_labels)
 """
 
 from itertools import accumulate, chain, pairwise
@@ -60,14 +60,14 @@ def use_packed_attention(model):
 
 
 @torch.inference_mode()
-def classify_packed(model, tokenizer, texts, max_length):
-    """Probabilities (len(texts), num_labels) in input order, from one forward pass with no padding.
+def classify_packed(model, ids):
+    """Logits (len(ids), num_labels) in float32, in input order, from one forward pass with no padding.
 
+    `ids`: each text's token ids, special tokens included, already truncated to the model's maximum.
     The model must use PACKED_ATTENTION. This is BertForSequenceClassification.forward, taken apart
     where it assumes one text per row: positions restart at 0 for each text, and the pooler reads
     each text's [CLS] token, not the first row's.
     """
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     lengths = [len(row) for row in ids]
     device = model.device
     input_ids = torch.tensor(list(chain.from_iterable(ids)), device=device)[None]  # (1, total tokens)
@@ -78,5 +78,4 @@ def classify_packed(model, tokenizer, texts, max_length):
     hidden = bert.encoder(hidden, cu_seq_lens_q=starts, cu_seq_lens_k=starts).last_hidden_state
     cls = hidden[0, starts[:-1]]  # (texts, hidden): each text's first token, [CLS]
     pooled = bert.pooler(cls[:, None])  # the pooler takes position 0 of a (texts, 1, hidden) batch
-    logits = model.classifier(model.dropout(pooled))
-    return logits.float().softmax(dim=-1)
+    return model.classifier(model.dropout(pooled)).float()

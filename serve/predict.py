@@ -18,7 +18,7 @@ from collections import deque
 from errors import UsageError, exit_on_usage_error
 from model_utils import check_model_dir
 from serve.batching import InputError, Limits, check_text
-from serve.classifier import Classifier, to_prediction
+from serve.classifier import Classifier, softmax, to_prediction
 
 IN_FLIGHT = 4  # chunks queued ahead of the one being printed: keeps the worker busy, memory bounded
 
@@ -77,8 +77,8 @@ def predict_all(classifier, texts, chunk_size, out=None):
 
 
 def print_rows(rows, labels, out):
-    for row in rows:
-        print(json.dumps(to_prediction(row, labels), ensure_ascii=False), file=out, flush=True)
+    for logits in rows:
+        print(json.dumps(to_prediction(softmax(logits), labels), ensure_ascii=False), file=out, flush=True)
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ from model_utils import classify, count_parameters, load_for_inference
 from models import IMDB_TEST, MINILM, ROOT, save_minilm_classifier, save_served_tiny_bert, tiny_bert_config
 from serve.app import ServeConfig, create_app, parse_config, validate_config
 from serve.batching import BatchWorker, InputError, Limits, Overloaded, check_texts
-from serve.classifier import Classifier, classify_by_length, split_by_length
+from serve.classifier import Classifier, Text, classify_by_length, split_by_length
 from serve.packed import PACKED_ATTENTION, can_pack, classify_packed, use_packed_attention
 
 UNICODE_TEXTS = [
@@ -132,7 +132,8 @@ def test_health_is_503_until_loaded_and_warm(tiny_dir):
 
     with serve(tiny_dir, slow_load) as c:
         loading = c.get("/health")
-        assert loading.status_code == 503 and loading.json() == {"error": "the model is loading."}
+        assert loading.status_code == 503
+        assert loading.json() == {"error": "the model is loading.", "error_type": "Unhealthy"}  # TEI's error type
         early = c.post("/predict", json={"text": "too early"})
         assert early.status_code == 503 and "loading" in early.json()["error"]
         assert c.get("/info").json()["ready"] is False
@@ -204,12 +205,14 @@ def test_page_and_docs_need_nothing_from_outside(client):
 
 
 def test_openapi_schema_says_exactly_what_predict_accepts_and_answers(tiny_dir):
-    """One of {"text"} or {"texts"}, never both; the limits of this server's flags; every status it answers."""
+    """One of {"text"}, {"texts"} or TEI's {"inputs"}, never two; the limits of this server's flags; every
+    status it answers. (TEI's shape in detail: tests/test_serve_ecosystem.py.)"""
     with serve(tiny_dir, max_inputs=8, max_chars=500) as c:
         schema = c.get("/openapi.json").json()
     predict_op = schema["paths"]["/predict"]["post"]
     body = predict_op["requestBody"]["content"]["application/json"]["schema"]
-    assert body["oneOf"] == [{"$ref": "#/components/schemas/OneText"}, {"$ref": "#/components/schemas/ManyTexts"}]
+    assert body["oneOf"] == [{"$ref": "#/components/schemas/OneText"}, {"$ref": "#/components/schemas/ManyTexts"},
+                             {"$ref": "#/components/schemas/TeiRequest"}]
     one, many = (schema["components"]["schemas"][name] for name in ("OneText", "ManyTexts"))
     assert (one["required"], one["additionalProperties"], many["required"], many["additionalProperties"]) == (
         ["text"], False, ["texts"], False)
@@ -272,7 +275,8 @@ BAD_BODIES = [
 def test_bad_json_bodies(client, body, status, message):
     response = client.post("/predict", json=body)
     assert response.status_code == status
-    assert list(response.json()) == ["error"] and message in response.json()["error"]
+    assert list(response.json()) == ["error", "error_type"] and message in response.json()["error"]
+    assert response.json()["error_type"] == "Validation"
 
 
 BAD_RAW = [
@@ -307,9 +311,10 @@ def test_limits_are_inclusive_and_long_reviews_are_truncated(client):
 
 
 def test_unknown_routes_and_methods_answer_json(client):
-    assert client.get("/nope").json() == {"error": "Not Found"}
+    assert client.get("/nope").json() == {"error": "Not Found", "error_type": "Validation"}
     wrong_method = client.get("/predict")
-    assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+    assert wrong_method.status_code == 405
+    assert wrong_method.json() == {"error": "Method Not Allowed", "error_type": "Validation"}
 
 
 def test_unicode_of_every_kind(client, tiny_dir):
@@ -327,7 +332,8 @@ def test_a_bug_is_a_json_500_without_internals(tiny_dir):
         wait_ready(c)
         response = c.post("/predict", json={"text": "hello"})
     assert response.status_code == 500
-    assert response.json() == {"error": "internal server error; the details are in the server's log."}
+    assert response.json() == {"error": "internal server error; the details are in the server's log.",
+                               "error_type": "Backend"}
 
 
 # -----------------------------------------------------------------------------
@@ -398,11 +404,17 @@ def test_split_by_length_trades_padding_against_forward_passes():
     assert split_by_length([100] * 16, 64) == [(0, 16)]
 
 
+def token_ids(tokenizer, texts, max_length=64):
+    """What the tokenizer thread hands the worker: ids per text, truncated, special tokens included."""
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
 def test_classify_by_length_equals_one_padded_batch(tiny_dir):
     model, tokenizer = load_for_inference(str(tiny_dir))
     texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]  # 50 repeats: truncated at 64
-    chunked = classify_by_length(model, tokenizer, texts, 64, forward_cost_tokens=0)  # one text per pass
-    assert_close(chunked, classify(model, tokenizer, texts))  # input order kept
+    chunked = classify_by_length(model, token_ids(tokenizer, texts), tokenizer.pad_token_id,
+                                 forward_cost_tokens=0)  # one text per pass
+    assert_close(chunked.softmax(-1), classify(model, tokenizer, texts))  # logits; input order kept
 
 
 def test_packed_batch_equals_padded_batch(tiny_dir):
@@ -411,11 +423,11 @@ def test_packed_batch_equals_padded_batch(tiny_dir):
     padded = classify(model, tokenizer, texts)
     assert use_packed_attention(model) and model.config._attn_implementation == PACKED_ATTENTION
     assert_close(classify(model, tokenizer, texts), padded)  # a padded batch runs as under "sdpa"
-    packed = classify_packed(model, tokenizer, texts, 64)
+    packed = classify_packed(model, token_ids(tokenizer, texts)).softmax(-1)  # logits -> probabilities
     # Equal only if attention stays inside each text, positions restart at 0 and each [CLS] is pooled.
     assert_close(packed, padded)
     assert packed[:, 1].max() - packed[:, 1].min() > 0.05  # the texts score differently: not a constant
-    assert_close(classify_packed(model, tokenizer, texts[:1], 64), padded[:1])  # a batch of one
+    assert_close(classify_packed(model, token_ids(tokenizer, texts[:1])).softmax(-1), padded[:1])  # a batch of one
 
 
 def test_classifier_packs_bert_batches_on_a_cpu_unless_told_not_to(tiny_dir):
@@ -595,29 +607,52 @@ def test_documented_commands_serve_and_predict_alike(tiny_dir, tmp_path):
     assert line["scores"] == pytest.approx(served["predictions"][0]["scores"], abs=1e-6)
 
 
-def test_a_padded_batch_is_tokenized_once(tiny_dir):
-    """The length split pads its chunks from one tokenization of the batch (GPUs take this path)."""
-    model, tokenizer = load_for_inference(str(tiny_dir))
+def test_a_batch_is_tokenized_in_the_worker_once_per_truncation_side(tiny_dir):
+    """The worker tokenizes a gathered batch in one call per side (its texts cut from the right, those
+    cut from the left), so that requests reach the queue without waiting on each other's tokenizing;
+    the padded path then only pads those ids. Texts that came tokenized are not tokenized again."""
     calls = []
+    gate, entered = threading.Event(), threading.Event()
+    with Classifier(str(tiny_dir), Limits(packed=False, forward_cost_tokens=0), "cpu") as classifier:
+        classifier.tokenizers.update({side: Recording(core, side, calls) for side, core in classifier.tokenizers.items()})
+        run = classifier.worker.predict_fn
+        classifier.worker.predict_fn = lambda texts: (entered.set(), gate.wait(10), run(texts))[2]
+        held = classifier.submit(["dull"])  # holds the worker while three more requests queue up
+        entered.wait(10)
+        texts = ["great film " * n for n in (9, 1, 50, 4)]  # 50 repeats: over 64 tokens, cut
+        right = classifier.submit(texts[:2])
+        left = classifier.worker.submit([Text(text, "left") for text in texts[2:]])
+        tokenized = classifier.worker.submit([Text("awful", ids=[2, 5, 3])])  # [CLS] ? [SEP], as TEI's truncate: false
+        while classifier.worker.queued() < 5:
+            time.sleep(0.01)
+        gate.set()
+        held.result(timeout=10)
+        got = right.result(timeout=10) + left.result(timeout=10)
+        tokenized.result(timeout=10)
+    assert calls == [("right", ["dull"], "batch-worker"),  # the batch that held the worker, then the three as one
+                     ("right", texts[:2], "batch-worker"), ("left", texts[2:], "batch-worker")]
+    model, tokenizer = load_for_inference(str(tiny_dir))
+    tokenizer.truncation_side = "left"
+    want = classify(model, tokenizer, texts[:2], 64).tolist() + classify(model, tokenizer, texts[2:], 64).tolist()
+    assert_close(torch.tensor(got).softmax(-1), want)
 
-    class Counting(type(tokenizer)):
-        def __call__(self, *args, **kwargs):
-            calls.append(args[0])
-            return super().__call__(*args, **kwargs)
 
-    tokenizer.__class__ = Counting
-    texts = ["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)]
-    chunked = classify_by_length(model, tokenizer, texts, 64, forward_cost_tokens=0)  # eight chunks of one
-    assert calls == [texts]
-    tokenizer.__class__ = Counting.__base__
-    assert_close(chunked, classify(model, tokenizer, texts))
+class Recording:
+    """A tokenizer that records (its side, the texts, the thread) of each encode_batch call."""
+
+    def __init__(self, core, side, calls):
+        self.core, self.side, self.calls = core, side, calls
+
+    def encode_batch(self, texts):
+        self.calls.append((self.side, list(texts), threading.current_thread().name))
+        return self.core.encode_batch(texts)
 
 
 def test_dtype_flag_loads_the_weights_in_that_format(tiny_dir, capsys):
     texts = ["great film " * n for n in (9, 1, 30, 4)]
     with Classifier(str(tiny_dir), Limits(dtype="bfloat16"), "cpu") as classifier:
         assert classifier.dtype == "bfloat16"
-        assert next(classifier.worker.predict_fn.args[0].parameters()).dtype == torch.bfloat16
+        assert next(classifier.model.parameters()).dtype == torch.bfloat16
         bf16 = probs(classifier.predict(texts))
     assert_close(bf16, single_row_probs(tiny_dir, texts), atol=0.02)  # bf16 keeps ~3 significant digits
     err = usage_error(app_module.main, ["--model_dir", str(tiny_dir), "--dtype", "int8"], capsys)

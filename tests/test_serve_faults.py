@@ -33,7 +33,8 @@ from conftest import answers_health, free_port, server_process
 from models import ROOT, save_served_tiny_bert
 from serve.app import DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS, EXIT_LOAD_FAILED
 
-TOO_LARGE = {"error": "request body is larger than the limit of 2097152 bytes; send fewer or shorter texts."}
+TOO_LARGE = {"error": "request body is larger than the limit of 2097152 bytes; send fewer or shorter texts.",
+             "error_type": "Validation"}
 BIG_BODY = json.dumps({"text": "x" * 15_000_000}).encode()  # 15 MB: over the 2 MB limit, under the drain limit
 
 
@@ -185,7 +186,8 @@ def test_schemathesis_finds_nothing_wrong(server, tmp_path):
     result = json.loads(report.read_text())
     assert (result["failures"], result["errors"]) == ([], []), done.stdout[-5000:]
     assert done.returncode == 0, done.stdout[-5000:]
-    assert result["operations"]["tested"] == 3  # POST /predict, GET /health, GET /info
+    # GET / (the page), POST / (the Hub's API), POST /predict, GET /health, GET /info, GET /metrics
+    assert result["operations"]["tested"] == 6
     assert result["test_cases"]["generated"] >= 50
 
 
