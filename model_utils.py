@@ -11,6 +11,7 @@ import re
 import shutil
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -213,6 +214,17 @@ def classify_encoded(model, tokenizer, encoded):
     batch = tokenizer.pad(encoded, return_tensors="pt").to(model.device)
     logits = model(**batch).logits  # (B, num_labels)
     return logits.float().softmax(dim=-1)
+
+
+def bare_tokenizer(tokenizer):
+    """A copy of the fast tokenizer's Rust core with no padding and no truncation: the saved
+    tokenizer.json may carry both, and transformers' own call changes them on the shared core."""
+    if not tokenizer.is_fast:
+        raise ValueError("the model folder has no fast tokenizer (tokenizer.json); save_pretrained writes one")
+    core = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    core.no_padding()
+    core.no_truncation()
+    return core
 
 
 def model_max_length(model, tokenizer):

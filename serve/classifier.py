@@ -27,9 +27,8 @@ from functools import partial
 from typing import Literal, Optional
 
 import torch
-from tokenizers import Tokenizer
 
-from model_utils import count_parameters, device_name, label_names, load_for_inference, model_max_length
+from model_utils import bare_tokenizer, count_parameters, device_name, label_names, load_for_inference, model_max_length
 from serve.batching import BatchWorker, InputError
 from serve.packed import can_pack, classify_packed, use_packed_attention
 
@@ -132,15 +131,10 @@ def classify_texts(tokenizers, classify_ids, texts):
 def rust_tokenizers(tokenizer, max_length):
     """The fast tokenizer's Rust core in three copies: cutting texts over `max_length` tokens from
     the right, from the left, or not at all (None). They give the ids transformers' call gives."""
-    if not tokenizer.is_fast:
-        raise ValueError("the model folder has no fast tokenizer (tokenizer.json); save_pretrained writes one")
     cores = {}
     for side in ("right", "left", None):
-        core = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        core.no_padding()
-        if side is None:
-            core.no_truncation()
-        else:
+        core = bare_tokenizer(tokenizer)
+        if side is not None:
             core.enable_truncation(max_length, direction=side)
         cores[side] = core
     return cores
