@@ -18,10 +18,19 @@ loaded. Nothing in the model's code changes; hooks read it from outside and are 
         --dataset_name ../shared/data/imdb --max_length 128 --per_device_train_batch_size 8
     python inspect_model.py ... --mixed_precision bf16     # bf16 autocast: see which outputs are bf16
     python inspect_model.py ... --detail all               # every module, down to each Linear and GELU
+
+With --explain TEXT it asks the other question, what the backward pass says about the *input*:
+why a trained model (--model_dir, default ./fine-tuned-bert) classified TEXT as it did. It prints
+each word's Integrated Gradients score for the predicted class (explain.py says what IG computes
+and why plain gradients are not enough), the tokens [CLS] attends to in each layer, and writes two
+pictures into --output_dir: explain_words.png and explain_attention.png.
+
+    python inspect_model.py --explain "A wonderful film, though far too long." --model_dir fine-tuned-bert
 """
 
 import copy
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,9 +38,11 @@ from typing import Literal
 from transformers import HfArgumentParser
 
 import model_utils
+import plots
 import study
 import train_loop
 from errors import UsageError, exit_on_usage_error
+from explain import N_STEPS, Explainer
 
 
 # -----------------------------------------------------------------------------
@@ -44,6 +55,16 @@ class InspectConfig:
         default="blocks", metadata={"help": "blocks: embeddings, attention/FFN halves, layers, pooler, head; "
                                             "all: every module with a forward"}
     )
+    explain: str = field(default="", metadata={"help": "a review: explain the trained model's prediction for it "
+                                                       "(Integrated Gradients, attention) instead of the walk-through"})
+    model_dir: str = field(default="./fine-tuned-bert", metadata={"help": "with --explain: the trained model folder "
+                                                                          "(train_loop.py's --final_model_dir)"})
+    explain_class: str = field(default="", metadata={"help": "with --explain: the class whose scores are shown "
+                                                             "(default: the predicted one)"})
+    explain_steps: int = field(default=N_STEPS, metadata={"help": "with --explain: points on Integrated Gradients' "
+                                                                  "path; more: a smaller convergence delta, slower"})
+    explain_head: int = field(default=-1, metadata={"help": "with --explain: the attention head of the [CLS] map "
+                                                            "(-1: the mean over heads)"})
 
 
 def parse_config(argv=None):
@@ -53,10 +74,19 @@ def parse_config(argv=None):
         cfg, inspect_cfg = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         raise UsageError(f"{err}. Run `python inspect_model.py --help` for every flag.") from None
+    if inspect_cfg.explain:
+        return cfg, check_explain_config(inspect_cfg)  # a trained model and a text: no training flags apply
     cfg.eval_split, cfg.eval_strategy, cfg.report_to = "", "no", "none"
     # Enough rows for two classes in any seeded subset; tokenizing the full train split is not needed.
     cfg.max_train_samples = cfg.max_train_samples or max(64, cfg.per_device_train_batch_size)
     return train_loop.validate_config(cfg), inspect_cfg
+
+
+def check_explain_config(inspect_cfg):
+    if inspect_cfg.explain_steps < 1:
+        raise UsageError(f"--explain_steps must be at least 1, got {inspect_cfg.explain_steps}.")
+    model_utils.check_model_dir(inspect_cfg.model_dir)
+    return inspect_cfg
 
 
 # -----------------------------------------------------------------------------
@@ -169,12 +199,91 @@ def fmt(value):
 
 
 # -----------------------------------------------------------------------------
+# --explain: why a trained model said what it said
+
+
+def explain_text(inspect_cfg, output_dir):
+    """Print why --model_dir classified --explain as it did; write the two pictures. Returns the
+    Explanation and the attention maps (layers, heads, T, T)."""
+    model, tokenizer = model_utils.load_for_inference(inspect_cfg.model_dir)
+    explainer = Explainer(model, tokenizer)
+    try:
+        classes = [inspect_cfg.explain_class] if inspect_cfg.explain_class else None
+        explanation = explainer.explain(inspect_cfg.explain, classes=classes, n_steps=inspect_cfg.explain_steps)
+    except ValueError as err:
+        raise UsageError(f"--explain_class: {err}.") from None
+    if not explanation.words:
+        raise UsageError("--explain: the text has no words to explain; pass a review.")
+    tokens, maps = explainer.attention(inspect_cfg.explain)
+    head = inspect_cfg.explain_head
+    if not -1 <= head < maps.shape[1]:
+        raise UsageError(f"--explain_head must be -1 (the mean) or a head from 0 to {maps.shape[1] - 1}, got {head}.")
+    cls_rows = (maps.mean(dim=1) if head == -1 else maps[:, head])[:, 0]  # (layers, T): [CLS]'s attention row
+    shown = inspect_cfg.explain_class or explanation.label
+    print(explanation_table(explanation, shown, model, inspect_cfg.model_dir))
+    print()
+    print(attention_table(tokens, cls_rows, "the mean over heads" if head == -1 else f"head {head}"))
+    os.makedirs(output_dir, exist_ok=True)
+    written = [
+        plots.plot_word_attributions(explanation.words, explanation.attributions[shown],
+                                     f"Integrated Gradients: each word's share of P({shown}) "
+                                     f"(predicted {explanation.label}, {explanation.scores[explanation.label]:.3f})",
+                                     os.path.join(output_dir, "explain_words.png")),
+        plots.plot_cls_attention(tokens, cls_rows.tolist(), f"[CLS]'s attention per layer "
+                                 f"({'mean over heads' if head == -1 else f'head {head}'})",
+                                 os.path.join(output_dir, "explain_attention.png")),
+    ]
+    print(f"\nwrote {', '.join(written)}")
+    return explanation, maps
+
+
+def explanation_table(explanation, shown, model, model_dir):
+    """The prediction, what the scores add up to, then every word in text order with its score."""
+    others = ", ".join(f"{c} {p:.3f}" for c, p in explanation.scores.items() if c != explanation.label)
+    change = explanation.scores[shown] - explanation.baseline_scores[shown]
+    scores = explanation.attributions[shown]
+    largest = max(map(abs, scores)) or 1.0
+    lines = [f"EXPLAIN  {model_dir} ({type(model).__name__}, {model_utils.count_parameters(model):,} parameters): "
+             f"predicted {explanation.label} {explanation.scores[explanation.label]:.3f} ({others})",
+             f"  Integrated Gradients of P({shown}), {explanation.n_steps} steps, from a baseline of [PAD]s "
+             f"(P({shown}) = {explanation.baseline_scores[shown]:.3f} there) to the text:",
+             f"  the word scores add up to {sum(scores):+.4f} = P({shown}) - P({shown} | baseline) = {change:+.4f}, "
+             f"convergence delta {explanation.deltas[shown]:.1e}"]
+    if abs(explanation.deltas[shown]) > 0.05 * max(abs(change), 0.01):
+        lines.append(f"  WARNING: the delta is over 5% of the change: the {explanation.n_steps} points miss part of "
+                     f"the path's gradient; raise --explain_steps")
+    if explanation.truncated:
+        lines.append(f"  the text is longer than {explanation.max_length} tokens: only its first "
+                     f"{explanation.max_length} are explained, as prediction cuts it")
+    width = max(12, *(len(w.text) for w in explanation.words[:200]))
+    lines += ["", f"{'word':<{width}} {'score':>8}"]
+    for word, score in zip(explanation.words, scores):
+        bar = ("+" if score > 0 else "-") * round(10 * abs(score) / largest)
+        lines.append(f"{word.text:<{width}} {score:>+8.4f}  {bar}")
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    lines += ["", f"  most for {shown}:     " + ", ".join(f"{explanation.words[i].text} {scores[i]:+.3f}" for i in order[::-1][:5]),
+              f"  most against {shown}: " + ", ".join(f"{explanation.words[i].text} {scores[i]:+.3f}" for i in order[:5] if scores[i] < 0)]
+    return "\n".join(lines)
+
+
+def attention_table(tokens, cls_rows, heads):
+    """Per layer, the five tokens [CLS] attends to most: where its attention went, not why."""
+    lines = [f"ATTENTION  [CLS]'s attention row per layer ({heads}): the five tokens it attends to most"]
+    for layer, row in enumerate(cls_rows.tolist()):
+        top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:5]
+        lines.append(f"  layer {layer}  " + "  ".join(f"{tokens[i]} {row[i]:.2f}" for i in top))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
 def main(argv=None):
     with exit_on_usage_error():
         cfg, inspect_cfg = parse_config(argv)
+        if inspect_cfg.explain:
+            return explain_text(inspect_cfg, cfg.output_dir)
         accelerator, model, optimizer, batch, what = setup(cfg)
         keep = study.every_module if inspect_cfg.detail == "all" else study.is_block
         rows, watch = walk_through(model, batch, optimizer, accelerator, cfg.max_grad_norm, keep)

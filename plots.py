@@ -6,6 +6,11 @@
 
     python plots.py results/                       # redraw them for any finished run
 
+and the two pictures of one explanation (inspect_model.py --explain, explain.py):
+
+    explain_words.png      the text, each word coloured by its attribution to one class
+    explain_attention.png  where [CLS] looks in each layer: its attention row, mean over heads
+
 matplotlib's `Figure` + `savefig` without pyplot: no window, no display, no global figure
 state, so it is safe on a headless server and inside a training process.
 """
@@ -105,6 +110,66 @@ def plot_layer_stats(records, path):
     for ax in (ax_grad, ax_ratio):
         ax.grid(alpha=0.3, which="both")
     fig.savefig(path, dpi=80)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# one explanation
+
+
+def plot_word_attributions(words, scores, title, path, width_in=11.0, fontsize=9):
+    """The text as a page of words, each on a box coloured by its score: blue for, red against
+    (matplotlib's RdBu, readable with the common colour-blindnesses), the colour bar the legend.
+
+    Monospace text, so that a word's place on its line is its character count: DejaVu Sans Mono's
+    characters are 0.602 em wide, which fixes how many fit in the axes' width. No text measuring.
+    """
+    chars_per_line = int(0.96 * width_in * 72 / (0.602 * fontsize))
+    lines = wrap([w.text for w in words], chars_per_line)
+    line_in = 1.6 * fontsize / 72
+    text_in = line_in * (len(lines) + 0.5)
+    height_in = text_in + 1.3  # the title above, the colour bar below
+    fig = Figure(figsize=(width_in, height_in))
+    ax = fig.add_axes((0.02, 0.9 / height_in, 0.96, text_in / height_in))
+    ax.set(xlim=(0, chars_per_line), ylim=(len(lines) - 0.25, -0.75))
+    ax.axis("off")
+    fig.suptitle(title, y=1 - 0.12 / height_in, va="top", fontsize=11)
+    limit = max(map(abs, scores), default=0) or 1.0
+    cmap = matplotlib.colormaps["RdBu"]
+    norm = matplotlib.colors.Normalize(-limit, limit)
+    for row, line in enumerate(lines):
+        for column, index in line:
+            ax.text(column, row, words[index].text, family="DejaVu Sans Mono", fontsize=fontsize, va="center",
+                    bbox={"facecolor": cmap(norm(scores[index])), "edgecolor": "none", "pad": 1.2})
+    bar = fig.add_axes((0.3, 0.45 / height_in, 0.4, 0.12 / height_in))
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), cax=bar, orientation="horizontal",
+                 label="attribution: the word's share of the class probability's rise over the baseline")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def wrap(texts, width):
+    """Lines of (column, index) for `texts` laid out left to right, one space apart, `width` wide."""
+    lines, line, column = [], [], 0
+    for index, text in enumerate(texts):
+        if line and column + len(text) > width:
+            lines.append(line)
+            line, column = [], 0
+        line.append((column, index))
+        column += len(text) + 1
+    return lines + [line] if line else lines
+
+
+def plot_cls_attention(tokens, cls_rows, title, path):
+    """A heat map, layers (rows) by tokens (columns): how much [CLS], whose final state the
+    classifier reads, attends to each token in each layer. cls_rows is (layers, tokens)."""
+    fig = Figure(figsize=(min(4 + 0.22 * len(tokens), 40), 3.2), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(cls_rows, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="attention weight")
+    ax.set(yticks=range(len(cls_rows)), yticklabels=[f"layer {i}" for i in range(len(cls_rows))], title=title)
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+    fig.savefig(path, dpi=100)
     return path
 
 

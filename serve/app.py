@@ -4,7 +4,8 @@ Serves any folder written by `save_pretrained` (train_loop.py writes ./fine-tune
 also speaks Text Embeddings Inference's API ({"inputs": ...}), POST / the Hub's (what
 huggingface_hub.InferenceClient(base_url=...).text_classification sends): serve/ecosystem.py.
 GET /metrics reports Prometheus metrics named as TEI's; each answer carries x-request-id and each
-request has a log line with it (serve/metrics.py).
+request has a log line with it (serve/metrics.py). POST /explain says which words made the prediction
+(Integrated Gradients, explain.py), on a model copy and a thread of its own (serve/explaining.py).
 
     python -m serve                                          # ./fine-tuned-bert on http://127.0.0.1:8000
     python -m serve --model_dir path/to/model --host 0.0.0.0 --port 8080
@@ -14,6 +15,7 @@ request has a log line with it (serve/metrics.py).
                                                              # every flag is also SERVE_<FLAG> in the environment
     curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"text": "A wonderful film."}'
     curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"inputs": "A wonderful film."}'
+    curl -s localhost:8000/explain -H 'content-type: application/json' -d '{"text": "A wonderful film."}'
 
 The model loads in the background once the server is up: GET /health answers 503 until it is
 loaded and warmed up, then 200. All model calls go through one batching worker (serve/batching.py).
@@ -58,11 +60,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import HfArgumentParser
 
 from errors import UsageError, exit_on_usage_error
+from explain import N_STEPS
 from model_utils import check_model_dir
 from serve.batching import InputError, Limits, Overloaded, check_texts
 from serve.classifier import Classifier, Text, softmax, to_prediction
 from serve.ecosystem import (ErrorType, HubPrediction, Task, TeiPrediction, check_inputs, error_type_for, hub_answer,
                              hub_request, hub_task, tei_answer, tei_request, tei_task, timing_headers)
+from serve.explaining import Busy, ShuttingDown, load_explaining, to_answer
 from serve.metrics import Metrics, RequestLog
 
 log = logging.getLogger("app")
@@ -95,6 +99,15 @@ class ServeConfig(Limits):
         default=True,
         metadata={"help": "one log line per request, with its x-request-id (in place of uvicorn's access log)"},
     )
+    max_concurrent_explains: int = field(
+        default=1,
+        metadata={"help": "POST /explain: explanations admitted at once (they run one after another, on a float32 "
+                          "copy of the model); one more gets 429. 0: /explain is off and no copy is loaded"},
+    )
+    explain_n_steps: int = field(
+        default=N_STEPS,
+        metadata={"help": "POST /explain: Integrated Gradients' points along the path; the cost grows with it"},
+    )
 
 
 def parse_config(argv):
@@ -116,6 +129,10 @@ def validate_config(cfg):
         raise UsageError(f"--max_wait_ms must be 0 or more, not {cfg.max_wait_ms}.")
     if cfg.graceful_shutdown_s <= 0:
         raise UsageError(f"--graceful_shutdown_s must be more than 0, not {cfg.graceful_shutdown_s}.")
+    if cfg.max_concurrent_explains < 0:
+        raise UsageError(f"--max_concurrent_explains must be 0 (off) or more, not {cfg.max_concurrent_explains}.")
+    if cfg.explain_n_steps < 1:
+        raise UsageError(f"--explain_n_steps must be a positive integer, not {cfg.explain_n_steps}.")
     if cfg.max_queue < cfg.max_inputs:
         raise UsageError(f"--max_queue ({cfg.max_queue}) must be at least --max_inputs ({cfg.max_inputs}).")
     if not 0 <= cfg.port <= 65535:
@@ -159,12 +176,16 @@ class ModelState:
         self.exit_on_failure = exit_on_failure  # a server process stops; an app inside a test keeps serving 503
         self.on_ready = on_ready  # called with the classifier before it serves (the metrics hook in)
         self.classifier = None  # set once loaded and warmed up
+        self.explaining = None  # the explainer (serve/explaining.py), set before `classifier`; None when off
         self.error = None  # set if loading failed
 
-    def load(self, load_classifier):
-        """Runs in a background thread; assigning `classifier` is what makes /health say 200."""
+    def load(self, load_classifier, load_explainer):
+        """Runs in a background thread; assigning `classifier` is what makes /health say 200, so the
+        explainer loads (and warms up) first: a server that says ready answers /explain too."""
         try:
             started = time.perf_counter()
+            if self.cfg.max_concurrent_explains > 0:
+                self.explaining = load_explainer(self.cfg.model_dir, self.cfg, self.cfg.device)
             classifier = load_classifier(self.cfg.model_dir, self.cfg, self.cfg.device)
             if self.on_ready is not None:
                 self.on_ready(classifier)
@@ -249,6 +270,43 @@ class PredictResponse(BaseModel):
 PREDICT_ANSWERS = PredictResponse | list[TeiPrediction] | list[list[TeiPrediction]]
 
 
+def explain_request(limits):
+    """The /explain body: one review, as {"text": ...} of /predict, and the end to cut when it is too long."""
+
+    class ExplainRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "A wonderful, moving film."}]})
+        text: StrictStr = Field(description="one review", json_schema_extra={"maxLength": limits.max_chars,
+                                                                             "pattern": r"\S"})
+        truncation_direction: Literal["Right", "Left", "right", "left"] = Field(
+            "Right", description="over the model's maximum, Right explains a review's beginning, Left its end "
+                                 "(spelt as in TEI's body of /predict)")
+
+    return ExplainRequest
+
+
+class ExplainedWord(BaseModel):
+    text: str = Field(description="the word: the review's characters start to end")
+    start: int = Field(description="offset of its first character in the review, in Unicode code points")
+    end: int = Field(description="offset just after its last character")
+    attributions: dict[str, float] = Field(
+        description="per class, the word's share of the change in that class's probability from the baseline "
+                    "(the review with every word replaced by [PAD]) to the review; a word's scores add up to 0")
+
+
+class ExplainResponse(BaseModel):
+    prediction: Prediction = Field(description="the explained model copy's prediction for the review")
+    words: list[ExplainedWord] = Field(description="the words the model saw, in text order (whitespace-separated)")
+    truncated: bool = Field(description="the review was over max_length tokens: only the words listed were seen")
+    num_tokens: int = Field(description="tokens explained, [CLS] and [SEP] included")
+    max_length: int = Field(description="the model's maximum, in tokens")
+    n_steps: int = Field(description="Integrated Gradients' points along the path (--explain_n_steps)")
+    deltas: dict[str, float] = Field(
+        description="per class, the convergence delta: the sum of the words' scores minus "
+                    "(scores - baseline_scores), the error of the integral")
+    baseline_scores: dict[str, float] = Field(description="probability of every class for the all-[PAD] baseline")
+    seconds: float = Field(description="how long the explanation took, in the explainer's thread")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"]
 
@@ -267,10 +325,22 @@ WHEN = {
     429: "too many texts are waiting for the model; retry after Retry-After seconds",
     503: "the model is still loading",
 }
+EXPLAIN_WHEN = WHEN | {
+    400: "the body is not UTF-8",
+    413: "the body or the text is over its limit",
+    422: "the body is not {\"text\": ...} (with an optional truncation_direction), or the text is blank or not "
+         "valid Unicode",
+    429: "--max_concurrent_explains explanations are running or waiting already; retry after Retry-After seconds",
+    503: "the model is still loading, or the server is stopping",
+}
+RETRY_AFTER = {"retry-after": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
 
 
-def documented(*codes):
-    return {code: {"model": ErrorResponse, "description": WHEN[code]} for code in codes}
+def documented(*codes, when=WHEN):
+    responses = {code: {"model": ErrorResponse, "description": when[code]} for code in codes}
+    if 429 in responses:
+        responses[429]["headers"] = RETRY_AFTER
+    return responses
 
 
 # -----------------------------------------------------------------------------
@@ -290,8 +360,10 @@ FIELDS = {
     "inputs": "TEI's API takes 'inputs', 'truncate', 'truncation_direction' and 'raw_scores'",
     "hub": "POST / takes 'inputs' and 'parameters'",
     "parameters": "'parameters' takes 'top_k' and 'function_to_apply'",
+    "explain": "POST /explain takes 'text' and 'truncation_direction'",
 }
-EXAMPLES = {"/predict": '{"text": "..."}', "/": '{"inputs": "..."}'}
+EXAMPLES = {"/predict": '{"text": "..."}', "/": '{"inputs": "..."}', "/explain": '{"text": "..."}'}
+BODY_OF = {"/": "hub", "/explain": "explain"}  # the FIELDS entry of a route whose body has one shape
 
 
 def describe_validation_errors(errors, path="/predict"):
@@ -300,7 +372,7 @@ def describe_validation_errors(errors, path="/predict"):
     parts = []
     for err in errors:
         loc = [str(part) for part in err.get("loc", ())][1:]  # drop "body"
-        shape = loc.pop(0) if path == "/predict" and loc else "hub"
+        shape = loc.pop(0) if path == "/predict" and loc else BODY_OF.get(path, "hub")
         if err.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
         elif err.get("type") == "one_of":
@@ -515,8 +587,9 @@ def answer_for(task, rows, classifier):
 # the app
 
 
-def create_app(cfg, load_classifier=Classifier, exit_on_load_failure=False):
-    """The ASGI app for `cfg`. `load_classifier(model_dir, limits, device)` is injectable for tests.
+def create_app(cfg, load_classifier=Classifier, exit_on_load_failure=False, load_explainer=load_explaining):
+    """The ASGI app for `cfg`. `load_classifier(model_dir, limits, device)` and `load_explainer(model_dir,
+    cfg, device)` (serve/explaining.py) are injectable for tests.
 
     exit_on_load_failure: a model that cannot load stops the server process (exit code 1), for
     `python -m serve` and the uvicorn factory; otherwise (a test, an app embedding this one, whose
@@ -528,7 +601,7 @@ def create_app(cfg, load_classifier=Classifier, exit_on_load_failure=False):
         title="Sentiment analysis",
         description="Classifies movie reviews with a fine-tuned BERT. The page for people is at /. "
                     "POST /predict also takes Text Embeddings Inference's body, POST / the Hub's.",
-        lifespan=partial(load_in_background, state=state, load_classifier=load_classifier),
+        lifespan=partial(load_in_background, state=state, loaders=(load_classifier, load_explainer)),
     )
     app.state.model = state
     app.state.metrics = metrics
@@ -538,6 +611,7 @@ def create_app(cfg, load_classifier=Classifier, exit_on_load_failure=False):
     add_page(app)
     add_hub(app, cfg, state, metrics)
     add_predict(app, cfg, state, metrics)
+    add_explain(app, cfg, state)
     add_health(app, state)
     add_info(app, cfg, state)
     add_metrics(app, metrics)
@@ -555,15 +629,19 @@ def hook_metrics(metrics, classifier):
 
 
 @asynccontextmanager
-async def load_in_background(app, state, load_classifier):
+async def load_in_background(app, state, loaders):
     """The server answers at once (503 on /health) while the model loads in a thread. The end runs
-    once uvicorn has answered every open request: the worker finishes what is queued and stops."""
-    threading.Thread(target=state.load, args=(load_classifier,), name="model-loader", daemon=True).start()
+    once uvicorn has answered every open request (or cancelled those still open after
+    --graceful_shutdown_s): the worker finishes what is queued and stops; an explanation still
+    running is stopped at its next chunk, since nobody is left to read its answer."""
+    threading.Thread(target=state.load, args=loaders, name="model-loader", daemon=True).start()
     yield
     if state.classifier is not None:
         await asyncio.to_thread(state.classifier.close)
         worker = state.classifier.worker
         log.info("batching worker stopped (batches run: %d, texts classified: %d)", worker.batches, worker.texts_done)
+    if state.explaining is not None:
+        await asyncio.to_thread(state.explaining.close)
     if state.error is not None and state.exit_on_failure:
         exit_now(EXIT_LOAD_FAILED)
 
@@ -611,6 +689,53 @@ def add_predict(app, cfg, state, metrics):
         return await classify(our_task(body), state, cfg, metrics)
 
 
+# Why 404 when /explain is off: the server does not serve that route, exactly as for an address it
+# never had, and /openapi.json leaves it out. A 503 would say "try again later": a client or a load
+# balancer would retry, or mark the replica unhealthy, yet nothing changes until a restart with the
+# flag. A 501 is a server error (it would alert whoever watches 5xx) for what is a configuration choice.
+EXPLAIN_OFF = ("POST /explain is off on this server: it was started with --max_concurrent_explains 0, so it loaded no "
+               "model copy for explanations. Restart it with --max_concurrent_explains 1 (the default) to enable it.")
+
+STOPPED_BY_SHUTDOWN = ("the server is shutting down, and this explanation did not finish within --graceful_shutdown_s; "
+                       "retry (another replica may answer).")
+
+
+def add_explain(app, cfg, state):
+    if cfg.max_concurrent_explains == 0:
+        @app.post("/explain", include_in_schema=False)
+        async def explain_off():
+            return error(404, EXPLAIN_OFF)
+        return
+
+    request = explain_request(cfg)
+
+    @app.post("/explain", response_model=ExplainResponse, responses=documented(400, 413, 422, 429, 503, when=EXPLAIN_WHEN),
+              description="Why the model said what it said: each word's share of each class's probability "
+                          f"(Integrated Gradients, {cfg.explain_n_steps} steps), computed on a float32 copy of the "
+                          f"model in a thread of its own. At most {cfg.max_concurrent_explains} at once: one "
+                          "more is refused with 429 and Retry-After.")
+    async def explain(body: request):
+        if state.classifier is None:  # the explainer is set first: the classifier says it is all ready
+            return error(503, state.not_ready())
+        try:
+            check_texts([body.text], cfg, name=lambda i: "text")  # what /predict refuses in {"text"}, refused alike
+        except InputError as err:
+            return error(err.status, str(err), error_type=err.error_type)
+        try:
+            future = state.explaining.submit(body.text, body.truncation_direction.lower())
+        except Busy as err:
+            return error(429, f"server busy: {err}", headers={"retry-after": str(err.retry_after)})
+        try:
+            explanation, seconds = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still open --graceful_shutdown_s after a SIGTERM, and would answer
+            # a bare 500. It is no bug: say so, in our error body; the explanation stops at its next chunk.
+            return error(503, STOPPED_BY_SHUTDOWN)
+        except ShuttingDown:
+            return error(503, STOPPED_BY_SHUTDOWN)
+        return to_answer(explanation, seconds)
+
+
 def add_health(app, state):
     @app.get("/health", response_model=HealthResponse, responses=documented(503))
     async def health():
@@ -640,9 +765,22 @@ def add_info(app, cfg, state):
             "limits": {f.name: getattr(cfg, f.name) for f in fields(Limits)} | {"max_body_bytes": cfg.max_body_bytes},
             "batches_run": classifier.worker.batches if classifier else 0,
             "texts_classified": classifier.worker.texts_done if classifier else 0,
+            "explain": explain_info(cfg, state.explaining),
             "eval_results_path": eval_path,
             "eval_results": eval_results,
         }
+
+
+def explain_info(cfg, explaining):
+    """POST /explain's settings and counts: on or off, the cap, the steps, what runs now."""
+    return {
+        "enabled": cfg.max_concurrent_explains > 0,
+        "max_concurrent_explains": cfg.max_concurrent_explains,
+        "n_steps": cfg.explain_n_steps,
+        "dtype": "float32" if cfg.max_concurrent_explains > 0 else None,  # always: the copy's, not the server's
+        "admitted": explaining.admitted if explaining else 0,  # running or waiting for the explainer's thread
+        "explanations": explaining.explanations if explaining else 0,  # answered (the warm-up not counted)
+    }
 
 
 def add_metrics(app, metrics):
