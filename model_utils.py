@@ -101,18 +101,27 @@ def save_for_serving(accelerator, model, tokenizer, out_dir):
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        bare = accelerator.unwrap_model(model, keep_torch_compile=False)
-        state_dict = own_names(state_dict)
         partial = f"{os.path.normpath(out_dir)}.partial"
         shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier interrupted save
         try:
-            bare.save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+            write_weights(accelerator, model, state_dict, partial)
             tokenizer.save_pretrained(partial)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         replace_folder(partial, out_dir)
     accelerator.wait_for_everyone()
+
+
+def write_weights(accelerator, model, state_dict, out_dir):
+    """The bare model's config and `state_dict` (accelerate's get_state_dict: gathered, full) as
+    safetensors in `out_dir`, under the model's own weight names. The main process calls this.
+
+    save_original_format=False: under DeepSpeed ZeRO-3, transformers 5 records its legacy renames
+    at load time and "reverts" them at save time, writing LayerNorm.gamma/beta for weight/bias.
+    """
+    bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+    bare.save_pretrained(out_dir, state_dict=own_names(state_dict), safe_serialization=True, save_original_format=False)
 
 
 def replace_folder(new, old):

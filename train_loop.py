@@ -376,12 +376,36 @@ def build_accelerator(cfg):
             f"({accelerator.distributed_type.value} on {accelerator.device}): each would train alone, on "
             "the same output folders. On a machine without a GPU, set ACCELERATE_USE_CPU=1 (see "
             "configs/cpu_two_processes.yaml); otherwise check the distributed_type of your accelerate config.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     set_tf32(cfg.tf32, accelerator.device)
     available = {str(getattr(tracker, "value", tracker)) for tracker in accelerator.log_with}
     missing = [name for name in cfg.report_to if name != "all" and name not in available]
     require(not missing, f"--report_to {', '.join(missing)}: not installed here, so nothing would be logged there. "
                          f"Install it (pip install {' '.join(missing)}) or leave it out of --report_to.")
     return accelerator
+
+
+def configure_deepspeed(ds_config, cfg, num_processes):
+    """One source of truth: our flags. DeepSpeed's engine, not this loop, batches, accumulates and
+    clips under DeepSpeed, from its own config; each of those numbers there is set from our flag
+    when it is "auto" (or absent), and a number that disagrees with the flag is refused."""
+    ours = {
+        "train_micro_batch_size_per_gpu": ("--per_device_train_batch_size", cfg.per_device_train_batch_size),
+        "gradient_accumulation_steps": ("--gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+        "train_batch_size": ("--per_device_train_batch_size x --gradient_accumulation_steps x processes",
+                             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes),
+        "gradient_clipping": ("--max_grad_norm", cfg.max_grad_norm),  # 0 means no clipping in both
+    }
+    for key, (flag_name, value) in ours.items():
+        theirs = ds_config.get(key, "auto")
+        if theirs in ("auto", None):
+            ds_config[key] = value
+        elif float(theirs) != float(value):
+            raise UsageError(
+                f"the DeepSpeed config sets {key}: {theirs}, but {flag_name} is {value:g}. Under DeepSpeed the "
+                f"engine applies {key} itself, so the two must agree: set {key}: auto in the DeepSpeed config "
+                f"(this run then uses {flag_name}) or pass the same number to {flag_name}.")
 
 
 def data_seed(cfg):
@@ -814,6 +838,12 @@ def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp):
         model_utils.save_for_serving(accelerator, model, tokenizer, tmp)
     else:
         accelerator.save_state(tmp)  # every process writes its part (its RNG state at least)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed's engine writes its own format (pytorch_model/): the weights as safetensors
+            # beside it keep the checkpoint a model folder that from_pretrained and pipeline() open.
+            state_dict = accelerator.get_state_dict(model)  # every process: ZeRO-3 gathers the shards
+            if accelerator.is_main_process:
+                model_utils.write_weights(accelerator, model, state_dict, tmp)
     if accelerator.is_main_process:
         write_json(os.path.join(tmp, "training_state.json"), dataclasses.asdict(progress))
         write_json(os.path.join(tmp, TRAIN_CONFIG), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
@@ -849,12 +879,18 @@ def load_checkpoint(accelerator, cfg, path):
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     require(not changed, f"cannot resume from {path!r}: these settings differ from the checkpoint's "
                          f"({'; '.join(changed)}). Resume with the original settings.")
-    require(os.path.isfile(os.path.join(path, OPTIMIZER_NAME + ".bin")),
+    require(holds_training_state(path),
             f"cannot resume from {path!r}: it was saved with --save_only_model, so it holds no optimizer, "
             f"schedule or random state. Start a new run from its weights with --model_name_or_path {path}.")
     load_state_across_precisions(accelerator, path)
     with open(os.path.join(path, "training_state.json")) as f:
         return Progress(**json.load(f))
+
+
+def holds_training_state(path):
+    """Whether `path` holds AdamW's state: optimizer.bin (one process, DDP, FSDP's full state dict),
+    optimizer_0/ (FSDP's sharded state dict) or DeepSpeed's engine checkpoint (its `latest` tag)."""
+    return any(os.path.exists(os.path.join(path, name)) for name in (OPTIMIZER_NAME + ".bin", OPTIMIZER_NAME + "_0", "latest"))
 
 
 def saved_train_config(path):
@@ -942,6 +978,11 @@ class Run:
     step_hooks: list = field(default_factory=list)  # called with the Run after each step (bench/gpu_check.py's clock)
 
     @property
+    def deepspeed(self):
+        """DeepSpeed's engine batches, clips and steps itself (configure_deepspeed ties it to our flags)."""
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
     def global_batch(self):
         """Rows per optimizer step, all processes together."""
         return self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps * self.accelerator.num_processes
@@ -961,16 +1002,21 @@ def train_one_epoch(run, epoch, pbar):
             # backward of the rows' summed loss: grads += d(sum of row losses / accumulation steps)/dw.
             # The step divides by the rows it really holds, so each row weighs the same however many
             # micro-batches (and rows) its window has: an epoch's last window may be short.
-            accelerator.backward(loss * batch_rows)
+            # DeepSpeed's engine gets the mean loss: it divides by the steps and processes itself, and it
+            # steps inside the backward of the step's last micro-batch, before we could divide by rows.
+            accelerator.backward(loss * batch_rows if not run.deepspeed else loss)
             loss_sum += loss.detach() * batch_rows
             rows += batch_rows
             if accelerator.sync_gradients:  # the last micro-batch of this step: update the weights
                 window_rows = accelerator.reduce(torch.tensor(float(rows), device=accelerator.device), "sum")
-                mean_over_rows(model, accelerator, window_rows)  # the step's gradient: a mean over its rows
+                if not run.deepspeed:
+                    mean_over_rows(model, accelerator, window_rows)  # the step's gradient: a mean over its rows
                 # --log_layer_grad_norms on a logging step: per-layer norms before clipping, weights before the step
                 watch = study.LayerWatch(model, accelerator) if layer_stats_due(run) else None
-                # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm.
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                # The total L2 norm of all gradients, measured before clipping rescales them to max_grad_norm
+                # (under DeepSpeed: the norm the engine measured, then clipped by, in the step it just took).
+                grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf),
+                                            device=accelerator.device)
                 # The mean loss over this step's rows, all processes together: the same on every process.
                 step_loss = accelerator.reduce(loss_sum, reduction="sum") / window_rows
                 nonfinite = check_finite(run, step_loss, grad_norm)  # NaN or inf: skip this update
@@ -1487,6 +1533,10 @@ def start_run(cfg, setup):
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
         scheduler_specific_kwargs=scheduler_kwargs(cfg),
     ))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # prepare() hands DeepSpeed's engine only the schedule it gets with the model, and save_state
+        # then saves neither: a resumed run would restart the schedule. Ours is stepped by this loop.
+        accelerator.register_for_checkpointing(lr_scheduler)
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
     require_shared_output_dir(accelerator, cfg.output_dir)
