@@ -376,6 +376,7 @@ def build_accelerator(cfg):
             f"({accelerator.distributed_type.value} on {accelerator.device}): each would train alone, on "
             "the same output folders. On a machine without a GPU, set ACCELERATE_USE_CPU=1 (see "
             "configs/cpu_two_processes.yaml); otherwise check the distributed_type of your accelerate config.")
+    require_engine_as_configured(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     set_tf32(cfg.tf32, accelerator.device)
@@ -384,6 +385,17 @@ def build_accelerator(cfg):
     require(not missing, f"--report_to {', '.join(missing)}: not installed here, so nothing would be logged there. "
                          f"Install it (pip install {' '.join(missing)}) or leave it out of --report_to.")
     return accelerator
+
+
+def require_engine_as_configured(accelerator):
+    """The engine `accelerate config` chose, or a clear refusal: on a machine without a GPU (and with
+    ACCELERATE_USE_CPU=1) accelerate quietly sets up plain DDP for an FSDP or DeepSpeed config."""
+    for engine, variable in ((DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED"), (DistributedType.FSDP, "ACCELERATE_USE_FSDP")):
+        asked = os.environ.get(variable, "false").lower() in ("1", "true")
+        require(not asked or accelerator.distributed_type == engine,
+                f"the accelerate config asks for {engine.value}, but accelerate set up {accelerator.distributed_type.value} "
+                f"on {accelerator.device} ({accelerator.num_processes} processes): {engine.value} shards on GPUs. Run it on "
+                f"GPUs, or pick a config without {engine.value} (configs/cpu_two_processes.yaml for CPU processes).")
 
 
 def configure_deepspeed(ds_config, cfg, num_processes):
@@ -397,6 +409,10 @@ def configure_deepspeed(ds_config, cfg, num_processes):
                              cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes),
         "gradient_clipping": ("--max_grad_norm", cfg.max_grad_norm),  # 0 means no clipping in both
     }
+    require(not cfg.log_layer_grad_norms,
+            "--log_layer_grad_norms reads each layer's gradients before the optimizer step, and under DeepSpeed "
+            "the engine steps (and frees them) inside backward. Measure per-layer norms without DeepSpeed "
+            "(one process, DDP or FSDP: configs/), or leave the flag out.")
     for key, (flag_name, value) in ours.items():
         theirs = ds_config.get(key, "auto")
         if theirs in ("auto", None):
@@ -1456,6 +1472,7 @@ def print_banner(run, num_train_rows):
         f"  batch per device {cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
         f" x processes {acc.num_processes} = {run.global_batch} rows per optimizer step",
         f"  steps per epoch {run.steps_per_epoch:,} | total steps {run.total_steps:,} | warm-up steps {run.warmup_steps:,}",
+        f"  engine {engine_line(acc)}",
         f"  model {type(model).__name__}, {model_utils.count_parameters(model):,} parameters, "
         f"attention {model.config._attn_implementation}, {compile_line(cfg)}",
     ]
@@ -1465,6 +1482,28 @@ def print_banner(run, num_train_rows):
     if run.progress.global_step:
         lines.append(f"  resuming at step {run.progress.global_step:,}")
     acc.print("\n".join(lines))
+
+
+ZERO_SPLITS = {1: "AdamW's state", 2: "AdamW's state and the gradients", 3: "AdamW's state, the gradients and the weights"}
+
+
+def engine_line(acc):
+    """What holds the model and who steps it: plain, DDP, FSDP (its sharding) or DeepSpeed (its ZeRO stage)."""
+    kind = acc.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        split = ZERO_SPLITS.get(stage, "nothing")
+        return (f"DeepSpeed ZeRO-{stage}: {split} split across the {acc.num_processes} processes; the engine clips "
+                f"(gradient_clipping {ds['gradient_clipping']:g} = --max_grad_norm) and steps")
+    if kind == DistributedType.FSDP:
+        fsdp = acc.state.fsdp_plugin
+        shard = "full shard (weights freed after each layer)" if fsdp.reshard_after_forward else "gradients and optimizer state sharded"
+        return (f"FSDP{fsdp.fsdp_version}: {shard} across the {acc.num_processes} processes; "
+                f"checkpoints {str(fsdp.state_dict_type).rsplit('.', 1)[-1]}")
+    if acc.num_processes > 1:
+        return f"DDP: each of the {acc.num_processes} processes holds the whole model; gradients averaged across them"
+    return "one process: the plain model, no data parallelism"
 
 
 def compile_line(cfg):
