@@ -190,7 +190,9 @@ class ModelState:
             if self.on_ready is not None:
                 self.on_ready(classifier)
             self.classifier = classifier
-            log.info("model %s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, time.perf_counter() - started)
+            copy = " (and its float32 copy for /explain)" if self.explaining is not None else ""
+            log.info("model %s%s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, copy,
+                     time.perf_counter() - started)
         except Exception as err:  # a broken folder (truncated weights, say): one paragraph, no traceback
             self.error = str(err).rstrip(".") or type(err).__name__
             log.error("%s", self.failure_message())
@@ -709,7 +711,8 @@ def add_explain(app, cfg, state):
 
     request = explain_request(cfg)
 
-    @app.post("/explain", response_model=ExplainResponse, responses=documented(400, 413, 422, 429, 503, when=EXPLAIN_WHEN),
+    @app.post("/explain", response_model=ExplainResponse,
+              responses=documented(400, 413, 422, 429, 503, when=EXPLAIN_WHEN),
               description="Why the model said what it said: each word's share of each class's probability "
                           f"(Integrated Gradients, {cfg.explain_n_steps} steps), computed on a float32 copy of the "
                           f"model in a thread of its own. At most {cfg.max_concurrent_explains} at once: one "
@@ -727,11 +730,9 @@ def add_explain(app, cfg, state):
             return error(429, f"server busy: {err}", headers={"retry-after": str(err.retry_after)})
         try:
             explanation, seconds = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ShuttingDown):
             # uvicorn cancels what is still open --graceful_shutdown_s after a SIGTERM, and would answer
             # a bare 500. It is no bug: say so, in our error body; the explanation stops at its next chunk.
-            return error(503, STOPPED_BY_SHUTDOWN)
-        except ShuttingDown:
             return error(503, STOPPED_BY_SHUTDOWN)
         return to_answer(explanation, seconds)
 

@@ -40,8 +40,8 @@ log = logging.getLogger("explain")
 # Tokens per chunk of path points: 8 rows (4 steps of 2 classes) of a 512-token review. The
 # activations kept for the backward pass grow with rows x tokens (attention's with tokens squared):
 # explaining a 512-token review with MiniLM added 0.8 GB to the process at its peak in chunks of
-# this size, 1.5 GB in chunks of twice the size, and 5 GB with all 64 rows at once, in about the
-# same time on a CPU (docs/serving.md).
+# this size, 1.5 GB in chunks of twice the size, and 5 GB with all 64 rows at once, which was no
+# faster on a CPU (docs/serving.md).
 CHUNK_TOKENS = 4096
 WARM_UP_TEXT = "A warm-up review."
 

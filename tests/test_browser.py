@@ -2,6 +2,7 @@
 headless Chromium (Debian's /usr/bin/chromium, through Playwright's Python client: Playwright never
 downloads a browser of its own here)."""
 
+import json
 import os
 import re
 
@@ -137,3 +138,88 @@ def test_readable_on_a_phone(browser, server, tmp_path):
     page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
     assert (tmp_path / "phone.png").read_bytes().startswith(b"\x89PNG")
     context.close()
+
+
+# -----------------------------------------------------------------------------
+# Explain: the review's words coloured by their share of the prediction
+
+EXPLAIN_REVIEW = "The acting was superb  and the story moving.\nSadly the ending is dull and  awful."
+TRANSPARENT = "rgba(0, 0, 0, 0)"
+
+
+def word_styles(page):
+    """Per highlighted word: (text, data-score, computed background colour, underline style, title)."""
+    return page.eval_on_selector_all("#explained .word", """spans => spans.map(s => {
+        const style = getComputedStyle(s);
+        return [s.textContent, Number(s.dataset.score), style.backgroundColor, style.borderBottomStyle, s.title];
+    })""")
+
+
+def test_explain_colours_words_with_a_second_cue_and_a_legend(page, server):
+    page.fill("#review", EXPLAIN_REVIEW)
+    page.click("#explain")
+    page.wait_for_selector("#explanation:not([hidden]) #explained .word")
+    assert page.inner_text("#message") == "Explained."
+    expected = httpx.post(server + "/explain", json={"text": EXPLAIN_REVIEW}, timeout=120).json()
+    label = expected["prediction"]["label"]
+    assert page.get_attribute("#label", "data-label") == label  # the prediction, above the text
+    assert page.eval_on_selector("#explained", "el => el.textContent") == EXPLAIN_REVIEW  # spaces, newline as typed
+
+    words = word_styles(page)
+    scores = [word["attributions"][label] for word in expected["words"]]
+    assert [w[0] for w in words] == [word["text"] for word in expected["words"]]
+    assert [w[1] for w in words] == pytest.approx(scores, abs=1e-6)
+    toward = max(words, key=lambda w: w[1])  # pushed hardest toward the predicted class
+    against = min(words, key=lambda w: w[1])  # and against it
+    assert toward[1] > 0 > against[1], "the review should have words of both signs"
+    assert TRANSPARENT not in (toward[2], against[2]) and toward[2] != against[2]  # two hues
+    assert (toward[3], against[3]) == ("solid", "dashed")  # and a cue that is not colour
+    weakest = min(words, key=lambda w: abs(w[1]))
+    assert weakest[2] != toward[2]  # deeper colour for more weight
+    name = {"pos": "Positive", "neg": "Negative"}[label]
+    assert toward[4] == f"{toward[0]}: +{toward[1]:.4f} of P({label}) (toward {name})"  # the exact score on hover
+    assert against[4] == f"{against[0]}: {against[1]:.4f} of P({label}) (against {name})"
+
+    assert page.is_visible("#legend")
+    legend = page.inner_text("#legend")
+    assert f"pushed toward {name}" in legend and "solid underline" in legend and "dashed underline" in legend
+    legend_styles = page.eval_on_selector_all("#legend .word",
+                                              "spans => spans.map(s => getComputedStyle(s).borderBottomStyle)")
+    assert legend_styles == ["solid", "dashed"]  # the legend shows the cues it names
+    note = page.inner_text("#explain-note")
+    assert "longer than the model reads" not in note and f"Integrated Gradients, {expected['n_steps']} steps" in note
+    assert page.console_errors == []
+
+    page.click("#analyze")  # a plain prediction hides the explanation of before
+    page.wait_for_selector("#message:has-text('Done.')")
+    assert page.is_hidden("#explanation")
+
+
+def test_explain_keeps_the_text_marks_what_was_cut_and_explains_429(page):
+    """A made-up answer (the page's side only): an emoji (two UTF-16 units, one code point in the
+    server's offsets), whitespace runs, and a review cut after its third word."""
+    text = "Great  😍 film\n\nbut far too long"
+    words = [("Great", 0, 5, 0.3), ("😍", 7, 8, -0.1), ("film", 9, 13, 0.05)]
+    answer = {"prediction": {"label": "pos", "score": 0.8, "scores": {"neg": 0.2, "pos": 0.8}},
+              "words": [{"text": w, "start": s, "end": e, "attributions": {"neg": -a, "pos": a}}
+                        for w, s, e, a in words],
+              "truncated": True, "num_tokens": 6, "max_length": 6, "n_steps": 32,
+              "deltas": {"neg": 1e-4, "pos": -1e-4}, "baseline_scores": {"neg": 0.45, "pos": 0.55}, "seconds": 1.5}
+    page.route("**/explain", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                         body=json.dumps(answer)))
+    page.fill("#review", text)
+    page.click("#explain")
+    page.wait_for_selector("#explanation:not([hidden])")
+    assert page.eval_on_selector("#explained", "el => el.textContent") == text
+    assert [w[0] for w in word_styles(page)] == ["Great", "😍", "film"]
+    assert page.inner_text("#explained .unseen") == "\n\nbut far too long"  # not seen by the model: greyed
+    assert "longer than the model reads (6 tokens)" in page.inner_text("#explain-note")
+
+    page.unroute("**/explain")
+    page.route("**/explain", lambda route: route.fulfill(
+        status=429, content_type="application/json", headers={"retry-after": "7"},
+        body='{"error": "server busy: 1 explanation is already running", "error_type": "Overloaded"}'))
+    page.click("#explain")
+    page.wait_for_selector("#message.error")
+    assert page.inner_text("#message") == "Another explanation is running; try again in 7 s."
+    assert page.is_enabled("#explain") and page.is_enabled("#analyze")

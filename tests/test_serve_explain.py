@@ -54,8 +54,9 @@ def minilm_dir(tmp_path_factory):
 
 
 def serve(model_dir, load_classifier=Classifier, load_explainer=load_explaining, **overrides):
-    """A TestClient around a fresh app (enter it to start the lifespan)."""
-    cfg = validate_config(ServeConfig(model_dir=str(model_dir), **overrides))
+    """A TestClient around a fresh app (enter it to start the lifespan), on the CPU: a GPU would serve
+    /predict in float16, and the comparisons' tolerances are float32's."""
+    cfg = validate_config(ServeConfig(model_dir=str(model_dir), **{"device": "cpu", **overrides}))
     return TestClient(create_app(cfg, load_classifier, load_explainer=load_explainer), raise_server_exceptions=False)
 
 
@@ -447,12 +448,13 @@ def test_close_stops_a_running_explanation_at_its_next_forward_pass(tiny_dir):
 
 @contextmanager
 def server(model_dir, log_path, *flags):
-    """`python -m serve` on a free port, ready; yields (process, url). Killed if the test left it running."""
+    """`python -m serve` on a free port, ready; yields (process, url). Killed if the test left it running.
+    On the CPU, where a 512-token review takes seconds: long enough to overlap with the test's requests."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w+") as log:
         process = subprocess.Popen([sys.executable, "-m", "serve", "--model_dir", str(model_dir), "--port", str(port),
-                                    *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                    "--device", "cpu", *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: answers_health(url) or process.poll() is not None, timeout=180, what="ready")
             assert process.poll() is None, log_path.read_text()[-3000:]

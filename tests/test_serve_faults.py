@@ -186,8 +186,8 @@ def test_schemathesis_finds_nothing_wrong(server, tmp_path):
     result = json.loads(report.read_text())
     assert (result["failures"], result["errors"]) == ([], []), done.stdout[-5000:]
     assert done.returncode == 0, done.stdout[-5000:]
-    # GET / (the page), POST / (the Hub's API), POST /predict, GET /health, GET /info, GET /metrics
-    assert result["operations"]["tested"] == 6
+    # GET / (the page), POST / (the Hub's API), POST /predict, POST /explain, GET /health, GET /info, GET /metrics
+    assert result["operations"]["tested"] == 7
     assert result["test_cases"]["generated"] >= 50
 
 
