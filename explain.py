@@ -101,23 +101,31 @@ class Explainer:
 
         One Captum call explains every class: the input is repeated once per class with its own
         target, and the n_steps points of every path go through the model together in one batch
-        (or in chunks of `internal_batch_size` rows, which changes memory, not the result).
+        (or in chunks of `internal_batch_size` rows, which changes memory, not the result). With
+        every class asked for, one class fewer is computed (below).
         """
         classes = self.labels if classes is None else list(classes)
         targets = [self.class_index(c) for c in classes]
+        computed = self.computed_targets(targets)
+        derive_last = len(computed) < len(targets)
         encoding, truncated = self.encode(text, truncation_side)
         input_ids = torch.tensor([encoding.ids], device=self.model.device)  # (1, T)
         baseline_ids = pad_baseline(input_ids, encoding.special_tokens_mask, self.pad_token_id)
-        k = len(targets)
+        k = len(computed)
         ig = LayerIntegratedGradients(self.probabilities, self.model.get_input_embeddings())
         with torch.enable_grad():  # the caller may be under no_grad; IG needs the backward pass
             token_scores, deltas = ig.attribute(
-                input_ids.expand(k, -1), baseline_ids.expand(k, -1), target=targets, n_steps=n_steps,
+                input_ids.expand(k, -1), baseline_ids.expand(k, -1), target=computed, n_steps=n_steps,
                 internal_batch_size=internal_batch_size, return_convergence_delta=True,
             )  # (k, T, hidden): one score per embedding dimension; (k,)
         with torch.no_grad():
             probs = self.probabilities(torch.cat([input_ids, baseline_ids]))  # (2, num_labels)
         per_token = token_scores.float().sum(dim=-1)  # (k, T): a token's score, summed over its embedding
+        deltas = deltas.float()
+        if derive_last:
+            per_token = torch.cat([per_token, -per_token.sum(dim=0, keepdim=True)])
+            deltas = torch.cat([deltas, -deltas.sum(dim=0, keepdim=True)])
+            k += 1
         words = whitespace_words(text, encoding)
         per_word = [[sum(per_token[i, w.tokens].tolist()) for w in words] for i in range(k)]
         return Explanation(
@@ -133,6 +141,18 @@ class Explainer:
             max_length=self.max_length,
             n_steps=n_steps,
         )
+
+    def computed_targets(self, targets):
+        """The classes IG really runs for. It is linear in the function explained, and the
+        probabilities sum to one: so all classes' scores sum to zero, and with every class asked for,
+        the last is minus the others' sum (its delta too). For two classes that halves the work."""
+        every_class = sorted(targets) == list(range(len(self.labels))) and len(targets) > 1
+        return targets[:-1] if every_class else targets
+
+    def rows_per_point(self, classes=None):
+        """Rows one point of the path costs (the inputs Captum repeats per computed class)."""
+        names = self.labels if classes is None else classes
+        return len(self.computed_targets([self.class_index(c) for c in names]))
 
     def attention(self, text, truncation_side="right"):
         """(tokens, attention (layers, heads, T, T)): row i of a head is how token i spread its

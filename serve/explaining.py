@@ -4,8 +4,8 @@
     explanation, seconds = explaining.submit("A wonderful film.", "right").result()   # or Busy: retry later
     explaining.close()                                                   # at shutdown
 
-An explanation costs what n_steps forward and backward passes per class cost (64 for two classes at
-the default 32 steps): seconds on a CPU, where a prediction takes milliseconds (docs/serving.md has
+An explanation costs what n_steps forward and backward passes per class cost (32 for two classes at
+the default 32 steps: explain.py computes one class fewer): seconds on a CPU, where a prediction takes milliseconds (docs/serving.md has
 the numbers). Three rules keep it from starving the predictions:
 
 - **Its own copy of the model, in float32.** Captum hooks the embedding layer of the model it
@@ -164,7 +164,7 @@ class Explaining:
     def chunk_rows(self, tokens):
         """Captum's internal_batch_size for a text of `tokens`: path points per forward pass, over all
         classes (k rows per step), about chunk_tokens tokens in all; None (one pass) when all fit in one."""
-        k = len(self.labels)
+        k = self.explainer.rows_per_point()
         if k * self.n_steps * tokens <= self.chunk_tokens:
             return None
         return k * max(1, self.chunk_tokens // (k * tokens))  # a whole number of steps: k rows each

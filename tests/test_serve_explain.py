@@ -200,8 +200,8 @@ def test_chunks_change_memory_not_the_result(tiny_dir):
     whole = Explaining(Explainer(model, tokenizer), max_concurrent=1, n_steps=32)
     model, tokenizer = load_for_inference(str(tiny_dir))
     chunked = Explaining(Explainer(model, tokenizer), max_concurrent=1, n_steps=32, chunk_tokens=100)
-    tokens = len(tokenizer(TEXT)["input_ids"])  # 2 classes x 32 steps x tokens rows: over 100 tokens
-    assert whole.chunk_rows(tokens) is None and chunked.chunk_rows(tokens) == 2 * max(1, 100 // (2 * tokens))
+    tokens = len(tokenizer(TEXT)["input_ids"])  # 32 steps x tokens (one class computed of two): over 100
+    assert whole.chunk_rows(tokens) is None and chunked.chunk_rows(tokens) == max(1, 100 // tokens)
     (a, _), (b, _) = whole.submit(TEXT, "right").result(), chunked.submit(TEXT, "right").result()
     assert a.attributions["pos"] == pytest.approx(b.attributions["pos"], abs=1e-6)
     assert a.deltas == pytest.approx(b.deltas, abs=1e-6)
