@@ -43,8 +43,9 @@ from captum.attr import LayerIntegratedGradients
 
 from model_utils import bare_tokenizer, label_names, model_max_length
 
-# Gauss-Legendre points along the path. 32 keep the convergence delta near 1e-3 of probability
-# for fine-tuned MiniLM on IMDb reviews; docs/explain.md measures the delta and the cost per count.
+# Gauss-Legendre points along the path. With MiniLM fine-tuned on IMDb, 32 leave a convergence delta
+# of 0.1-4% of the change explained and take about a second for a short review on 2 CPU cores;
+# some reviews need 64 or more (inspect_model.py warns). BENCHMARKS.md: the cost and delta per count.
 N_STEPS = 32
 
 
