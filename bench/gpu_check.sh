@@ -4,6 +4,7 @@
 # 25k-review epoch in bf16 (goal on one H100: under 30 s). Prints samples/s after a warm-up,
 # tokens/s, MFU against a matmul peak in the run's own precision timed in the same run, peak GPU
 # memory, eval accuracy, and fails if a loss is not finite or the fp16 grad scaler misbehaves.
+# Then FSDP2 and DeepSpeed ZeRO-2 (bench/engine_check.py): finite losses, exact resume, a loadable model.
 #
 #   bash bench/gpu_check.sh                      # STEPS=300 BATCH=32 FULL_EPOCH=1 by default
 #   STEPS=100 FULL_EPOCH=0 bash bench/gpu_check.sh
@@ -42,3 +43,14 @@ if [ "$FULL_EPOCH" = 1 ] && [ "${SMOKE:-0}" != 1 ]; then
         --batch "$BATCH" --full_epoch > "$WORK/bf16-epoch.log" 2>&1 || { tail -30 "$WORK/bf16-epoch.log"; exit 1; }
 fi
 python bench/gpu_check.py report --out "$WORK"
+
+# The engines accelerate config offers, on one GPU with the shipped configs: finite losses, a resumed
+# run equal to a straight one, a pipeline()-loadable model (bench/engine_check.py). On a CPU (SMOKE)
+# only DeepSpeed runs (accelerate shards with FSDP on GPUs only), and only where it is installed.
+if [ "${SMOKE:-0}" = 1 ]; then
+    if python -c "import deepspeed" 2>/dev/null; then
+        python bench/engine_check.py --out "$WORK" --config configs/deepspeed_zero2_bf16.yaml --steps 6 --batch 8 --cpu
+    fi
+else
+    python bench/engine_check.py --out "$WORK" --config configs/fsdp2_bf16.yaml --config configs/deepspeed_zero2_bf16.yaml
+fi
