@@ -137,8 +137,15 @@ def validate_config(cfg):
         raise UsageError(f"--max_queue ({cfg.max_queue}) must be at least --max_inputs ({cfg.max_inputs}).")
     if not 0 <= cfg.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {cfg.port}.")
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.device = cfg.device or default_device()
     return cfg
+
+
+def default_device():
+    """An NVIDIA GPU, else an Apple GPU (MPS), else the CPU: the first one this machine has."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def config_from_env(environ=os.environ):

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from models import NEGATIVE, NEUTRAL, POSITIVE, ROOT, save_tiny_bert
+from models import MINILM, NEGATIVE, NEUTRAL, POSITIVE, ROOT, save_minilm_classifier, save_served_tiny_bert, save_tiny_bert
 
 
 def make_reviews(n, seed):
@@ -37,6 +37,20 @@ def make_reviews(n, seed):
 def tiny_bert(tmp_path_factory):
     """A bare 2-layer encoder, like a pretrained checkpoint: training gives it a fresh head."""
     return str(save_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny classifier the serving tests serve (WordPiece vocabulary, labels neg/pos)."""
+    return save_served_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=64)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+    """minilm-l6's real encoder with a seeded 2-label head, saved as a fine-tuned model folder."""
+    if not MINILM.is_dir():
+        pytest.skip(f"{MINILM} is missing (the shared test model)")
+    return save_minilm_classifier(tmp_path_factory.mktemp("minilm") / "model")
 
 
 @pytest.fixture(scope="session")

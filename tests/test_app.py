@@ -24,7 +24,7 @@ import serve.predict as predict_module
 from conftest import free_port, server_process, usage_error
 import model_utils
 from model_utils import classify, count_parameters, load_for_inference
-from models import IMDB_TEST, MINILM, ROOT, save_minilm_classifier, save_served_tiny_bert, tiny_bert_config
+from models import IMDB_TEST, ROOT, tiny_bert_config
 from serve.app import ServeConfig, create_app, parse_config, validate_config
 from serve.batching import BatchWorker, InputError, Limits, Overloaded, check_texts
 from serve.classifier import Classifier, Text, classify_by_length, split_by_length
@@ -42,18 +42,6 @@ UNICODE_TEXTS = [
 
 # -----------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return save_served_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=64)
-
-
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory):
-    if not MINILM.is_dir():
-        pytest.skip(f"{MINILM} is missing (the shared test model)")
-    return save_minilm_classifier(tmp_path_factory.mktemp("minilm") / "model")
 
 
 def wait_ready(client, timeout=60):

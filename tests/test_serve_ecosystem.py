@@ -24,31 +24,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from conftest import free_port, server_process
-from models import IMDB_TEST, MINILM, save_minilm_classifier, save_served_tiny_bert
+from models import IMDB_TEST
 from serve.app import ServeConfig, create_app, validate_config
 from serve.batching import BatchWorker, Limits
 from serve.classifier import Classifier
 from fastapi.testclient import TestClient
 
-MAX_LENGTH = 64  # the tiny model's limit, in tokens
+MAX_LENGTH = 64  # the tiny model's limit, in tokens (conftest's tiny_dir)
 TIMING_HEADERS = ("x-compute-type", "x-compute-time", "x-compute-characters", "x-compute-tokens", "x-total-time",
                   "x-tokenization-time", "x-queue-time", "x-inference-time")  # TEI's router/src/lib.rs
 
 
 # -----------------------------------------------------------------------------
 # fixtures and references
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_served_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=MAX_LENGTH)
-
-
-@pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory):
-    if not MINILM.is_dir():
-        pytest.skip(f"{MINILM} is missing (the shared test model)")
-    return save_minilm_classifier(tmp_path_factory.mktemp("minilm") / "model")
 
 
 def serve(model_dir, load_classifier=Classifier, **overrides):

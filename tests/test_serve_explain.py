@@ -26,7 +26,7 @@ from conftest import answers_health, free_port
 from errors import UsageError
 from explain import N_STEPS, Explainer
 from model_utils import load_for_inference
-from models import IMDB_TEST, MINILM, ROOT, save_minilm_classifier, save_served_tiny_bert
+from models import IMDB_TEST, ROOT
 from serve.app import EXPLAIN_OFF, STOPPED_BY_SHUTDOWN, ServeConfig, create_app, parse_config, validate_config
 from serve.classifier import Classifier
 from serve.explaining import Explaining, ShuttingDown, load_explaining
@@ -39,18 +39,6 @@ ANSWER_KEYS = ["prediction", "words", "truncated", "num_tokens", "max_length", "
 
 # -----------------------------------------------------------------------------
 # fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_served_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", max_length=64)
-
-
-@pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory):
-    if not MINILM.is_dir():
-        pytest.skip(f"{MINILM} is missing (the shared test model)")
-    return save_minilm_classifier(tmp_path_factory.mktemp("minilm") / "model")
 
 
 def serve(model_dir, load_classifier=Classifier, load_explainer=load_explaining, **overrides):
