@@ -17,6 +17,8 @@ EXPECTED = {  # file: (distributed_type, mixed_precision, machines, processes)
     "one_gpu_bf16.yaml": ("NO", "bf16", 1, 1),
     "ddp_bf16.yaml": ("MULTI_GPU", "bf16", 1, 4),
     "fsdp2_bf16.yaml": ("FSDP", "bf16", 1, 4),
+    "deepspeed_zero2_bf16.yaml": ("DEEPSPEED", "bf16", 1, 4),  # run on a CPU in tests/test_deepspeed.py
+    "deepspeed_zero3_bf16.yaml": ("DEEPSPEED", "bf16", 1, 4),
     "two_machines_ddp.yaml": ("MULTI_GPU", "bf16", 2, 8),
     "cpu_two_processes.yaml": ("MULTI_GPU", "no", 1, 2),  # see its comment: CPU processes via torchrun
 }
@@ -39,6 +41,11 @@ def test_accelerate_loads_each_config_as_documented(name):
         fsdp = config.fsdp_config
         assert (fsdp["fsdp_version"], fsdp["fsdp_transformer_layer_cls_to_wrap"], fsdp["fsdp_state_dict_type"]) == (
             2, "BertLayer", "SHARDED_STATE_DICT")
+    if name.startswith("deepspeed_"):
+        ds = config.deepspeed_config
+        # gradient_clipping must equal --max_grad_norm's default (train_loop.configure_deepspeed refuses otherwise)
+        assert (ds["zero_stage"], ds["gradient_clipping"], ds["gradient_accumulation_steps"]) == (int(name[14]), 1.0, 1)
+        assert ds.get("zero3_save_16bit_model", False) == (name == "deepspeed_zero3_bf16.yaml")
 
 
 def test_the_slurm_script_parses_and_names_a_shipped_config():
