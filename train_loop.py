@@ -566,11 +566,31 @@ def speed_up_cpu_training(cfg, model, accelerator):
     return speedups
 
 
-def build_optimizer(model, cfg):
+def build_optimizer(model, cfg, device=None):
     groups = model_utils.optimizer_param_groups(model, cfg.weight_decay)
     # fused: one kernel for all parameters instead of ~10 per tensor, much faster (Trainer's default too)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=cfg.optim == "adamw_torch_fused")
+                             eps=cfg.adam_epsilon, fused=cfg.optim == "adamw_torch_fused" and has_fused_adamw(device))
+
+
+def has_fused_adamw(device):
+    """Whether this torch has the fused AdamW kernel for `device` (None: the model's own, checked by
+    torch itself). An Apple GPU (mps) has it from torch 2.4 on; where it does not, the plain AdamW
+    runs and the banner says so (optimizer_line)."""
+    if device is None:
+        return True
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return torch.device(device).type in _get_fused_kernels_supported_devices()
+
+
+def optimizer_line(optimizer, cfg):
+    fused = optimizer.defaults.get("fused")
+    if fused:
+        return "AdamW, fused: one kernel for all parameters"
+    if cfg.optim == "adamw_torch_fused":
+        return "AdamW, torch's per-tensor loop: this torch has no fused AdamW for this device"
+    return "AdamW, torch's per-tensor loop (--optim adamw_torch)"
 
 
 def schedule_lengths(cfg, num_batches):
@@ -1084,7 +1104,8 @@ def nonfinite_skip(cfg, accelerator):
     overflowing gradients, and DeepSpeed's engine applies its own update; such steps are only counted."""
     if accelerator.scaler is not None or accelerator.distributed_type == DistributedType.DEEPSPEED:
         return "count"
-    if cfg.optim == "adamw_torch_fused" and accelerator.distributed_type != DistributedType.FSDP:
+    fused = cfg.optim == "adamw_torch_fused" and has_fused_adamw(accelerator.device)  # as build_optimizer decides
+    if fused and accelerator.distributed_type != DistributedType.FSDP:
         return "device"
     return "host"
 
@@ -1473,6 +1494,7 @@ def print_banner(run, num_train_rows):
         f" x processes {acc.num_processes} = {run.global_batch} rows per optimizer step",
         f"  steps per epoch {run.steps_per_epoch:,} | total steps {run.total_steps:,} | warm-up steps {run.warmup_steps:,}",
         f"  engine {engine_line(acc)}",
+        f"  optimizer {optimizer_line(run.optimizer, cfg)}",
         f"  model {type(model).__name__}, {model_utils.count_parameters(model):,} parameters, "
         f"attention {model.config._attn_implementation}, {compile_line(cfg)}",
     ]
@@ -1563,7 +1585,7 @@ def start_run(cfg, setup):
             or accelerator.distributed_type == DistributedType.DEEPSPEED,
             f"--mixed_precision fp16 needs a GPU (this run is on {accelerator.device}); on a CPU use "
             "--mixed_precision bf16 or no.")
-    optimizer = build_optimizer(setup.model, cfg)
+    optimizer = build_optimizer(setup.model, cfg, accelerator.device)
     # Lengths come from the prepared loader: with N processes each sees 1/N of the batches.
     model, optimizer, train_dl = accelerator.prepare(setup.model, optimizer, setup.train_dl)
     eval_dl = accelerator.prepare(setup.eval_dl) if setup.eval_dl is not None else None

@@ -196,3 +196,21 @@ def test_gpu_check_tokenizer_has_every_word_and_the_smoke_run_learns(tmp_path):
     assert report["eval accuracy"] >= 0.9  # the one deciding word is learned: chance is 0.5
     assert report["first/last loss"][0] > 0.6 > 0.2 > report["first/last loss"][1]
     assert report["steps"] == 150 and report["skipped steps"] == 0 and gpu_check.checks(report) == []
+
+
+def test_a_device_without_fused_adamw_gets_the_plain_one_said_and_skipped_on_the_host(tiny_bert, csv_data, tmp_path,
+                                                                                         monkeypatch):
+    """An Apple GPU with an older torch has no fused AdamW: the plain one runs, the banner says so, and
+    a NaN step is skipped by not stepping ("host"), since the plain AdamW ignores the found_inf flag."""
+    cfg = train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path, *QUICK))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    assert train_loop.has_fused_adamw("cpu") and train_loop.has_fused_adamw("mps")  # this torch has both
+    monkeypatch.setattr("torch.utils._foreach_utils._get_fused_kernels_supported_devices", lambda: ["cuda"])
+    plain = train_loop.build_optimizer(model, cfg, "cpu")
+    assert not plain.defaults["fused"]
+    assert train_loop.optimizer_line(plain, cfg) == "AdamW, torch's per-tensor loop: this torch has no fused AdamW for this device"
+    accelerator = types.SimpleNamespace(device=torch.device("cpu"), scaler=None, distributed_type=train_loop.DistributedType.NO)
+    assert train_loop.nonfinite_skip(cfg, accelerator) == "host"
+    monkeypatch.undo()
+    assert train_loop.build_optimizer(model, cfg, "cpu").defaults["fused"]
+    assert train_loop.nonfinite_skip(cfg, accelerator) == "device"
