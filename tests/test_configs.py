@@ -74,6 +74,7 @@ def test_the_cpu_config_runs_two_processes(tiny_bert, csv_data, tmp_path):
     output, = finished(launcher(out, tiny_bert, csv_data, "--config_file", str(CONFIGS / "cpu_two_processes.yaml"),
                                 "--main_process_port", str(free_port())))
     assert "examples 64 | processes 2 | device cpu" in output
+    assert "engine DDP: each of the 2 processes holds the whole model; gradients averaged across them" in output
     assert [r["step"] for r in read_records(out) if "loss" in r and "eval_loss" not in r][:6] == [1, 2, 3, 4, 5, 6]
 
 
