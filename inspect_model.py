@@ -61,7 +61,7 @@ class InspectConfig:
                                                                           "(train_loop.py's --final_model_dir)"})
     explain_class: str = field(default="", metadata={"help": "with --explain: the class whose scores are shown "
                                                              "(default: the predicted one)"})
-    explain_steps: int = field(default=N_STEPS, metadata={"help": "with --explain: points on Integrated Gradients' "
+    explain_n_steps: int = field(default=N_STEPS, metadata={"help": "with --explain: points on Integrated Gradients' "
                                                                   "path; more: a smaller convergence delta, slower"})
     explain_head: int = field(default=-1, metadata={"help": "with --explain: the attention head of the [CLS] map "
                                                             "(-1: the mean over heads)"})
@@ -83,8 +83,8 @@ def parse_config(argv=None):
 
 
 def check_explain_config(inspect_cfg):
-    if inspect_cfg.explain_steps < 1:
-        raise UsageError(f"--explain_steps must be at least 1, got {inspect_cfg.explain_steps}.")
+    if inspect_cfg.explain_n_steps < 1:
+        raise UsageError(f"--explain_n_steps must be at least 1, got {inspect_cfg.explain_n_steps}.")
     model_utils.check_model_dir(inspect_cfg.model_dir)
     return inspect_cfg
 
@@ -209,7 +209,7 @@ def explain_text(inspect_cfg, output_dir):
     explainer = Explainer(model, tokenizer)
     try:
         classes = [inspect_cfg.explain_class] if inspect_cfg.explain_class else None
-        explanation = explainer.explain(inspect_cfg.explain, classes=classes, n_steps=inspect_cfg.explain_steps)
+        explanation = explainer.explain(inspect_cfg.explain, classes=classes, n_steps=inspect_cfg.explain_n_steps)
     except ValueError as err:
         raise UsageError(f"--explain_class: {err}.") from None
     if not explanation.words:
@@ -251,7 +251,7 @@ def explanation_table(explanation, shown, model, model_dir):
              f"convergence delta {explanation.deltas[shown]:.1e}"]
     if abs(explanation.deltas[shown]) > 0.05 * max(abs(change), 0.01):
         lines.append(f"  WARNING: the delta is over 5% of the change: the {explanation.n_steps} points miss part of "
-                     f"the path's gradient; raise --explain_steps")
+                     f"the path's gradient; raise --explain_n_steps")
     if explanation.truncated:
         lines.append(f"  the text is longer than {explanation.max_length} tokens: only its first "
                      f"{explanation.max_length} are explained, as prediction cuts it")

@@ -218,7 +218,7 @@ def test_inspect_model_explains_a_review(keyed, tmp_path, capsys):
     *_, model_dir = keyed
     text = "the plot was wonderful and the actors"
     explanation, maps = inspect_model.main(["--explain", text, "--model_dir", str(model_dir),
-                                            "--output_dir", str(tmp_path), "--explain_steps", "16"])
+                                            "--output_dir", str(tmp_path), "--explain_n_steps", "16"])
     out = capsys.readouterr().out
     assert explanation.label == "pos" and explanation.n_steps == 16
     assert f"predicted pos {explanation.scores['pos']:.3f}" in out
@@ -227,7 +227,7 @@ def test_inspect_model_explains_a_review(keyed, tmp_path, capsys):
     width = max(12, *(len(word) for word in text.split()))
     for word, score in zip(explanation.words, explanation.attributions["pos"]):  # every word, in text order
         assert f"\n{word.text:<{width}} {score:>+8.4f}" in out
-    assert "raise --explain_steps" not in out  # converged
+    assert "raise --explain_n_steps" not in out  # converged
     assert maps.shape[:2] == (2, 4)  # the tiny BERT: 2 layers, 4 heads
     assert sum(line.startswith("  layer ") for line in out.splitlines()) == 2
     for name in ("explain_words.png", "explain_attention.png"):
@@ -242,7 +242,7 @@ def test_inspect_model_explain_refuses_bad_flags(keyed, tmp_path, capsys):
     assert "unknown class 'positive'" in usage_error(inspect_model.main, base + ["--explain_class", "positive"], capsys)
     assert "--explain_head must be -1 (the mean) or a head from 0 to 3, got 4" in usage_error(
         inspect_model.main, base + ["--explain_head", "4"], capsys)
-    assert "--explain_steps must be at least 1" in usage_error(inspect_model.main, base + ["--explain_steps", "0"], capsys)
+    assert "--explain_n_steps must be at least 1" in usage_error(inspect_model.main, base + ["--explain_n_steps", "0"], capsys)
     assert "does not exist" in usage_error(inspect_model.main, ["--explain", "x", "--model_dir", str(tmp_path / "none")], capsys)
     assert "no words to explain" in usage_error(inspect_model.main, base[2:] + ["--explain", "   "], capsys)
 
@@ -251,7 +251,7 @@ def test_inspect_model_says_when_the_integral_has_not_converged(keyed, tmp_path,
     """The keyed model's P(pos) rises from 0.01 to 0.98 along the path: one point cannot follow that."""
     *_, model_dir = keyed
     explanation, _ = inspect_model.main(["--explain", "the plot was wonderful", "--model_dir", str(model_dir),
-                                         "--output_dir", str(tmp_path), "--explain_steps", "1"])
+                                         "--output_dir", str(tmp_path), "--explain_n_steps", "1"])
     change = explanation.scores["pos"] - explanation.baseline_scores["pos"]
     assert abs(explanation.deltas["pos"]) > 0.05 * abs(change)
-    assert "raise --explain_steps" in capsys.readouterr().out
+    assert "raise --explain_n_steps" in capsys.readouterr().out
