@@ -585,7 +585,7 @@ def has_fused_adamw(device):
 
 
 def optimizer_line(optimizer, cfg):
-    fused = optimizer.defaults.get("fused")
+    fused = optimizer.param_groups[0].get("fused")  # every wrapper (accelerate's, DeepSpeed's) shares the groups
     if fused:
         return "AdamW, fused: one kernel for all parameters"
     if cfg.optim == "adamw_torch_fused":

@@ -26,11 +26,11 @@ QUICK = ("--max_steps", "6", "--logging_steps", "1", "--per_device_train_batch_s
          "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "no", "--plots", "false")
 
 
-def launch(config, out, tiny_bert, csv_data, *extra, check=True):
+def launch(config, out, tiny_bert, csv_data, *extra, check=True, launch_flags=()):
     """`accelerate launch --config_file configs/<config>` as one fp32 process on this CPU."""
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-         "--num_processes", "1", "--mixed_precision", "no", "train_loop.py",
+         "--num_processes", "1", "--mixed_precision", "no", *launch_flags, "train_loop.py",
          *train_args(tiny_bert, csv_data, out, *QUICK, *extra)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
@@ -109,6 +109,17 @@ def test_the_engine_clips_at_max_grad_norm(plain_run, tiny_bert, csv_data, tmp_p
     assert_close_weights(weights(deepspeed / "model"), weights(clipped_plain / "model"), 1e-6)
     unclipped = weights(plain_run / "model")
     assert any(not torch.equal(unclipped[k], weights(deepspeed / "model")[k]) for k in unclipped)
+
+
+def test_gradient_accumulation_under_the_engine(tiny_bert, csv_data, tmp_path):
+    """Two micro-batches per step: accelerate's sync_gradients and the engine's accumulation boundary
+    agree, and the engine's mean over micro-batches is the plain loop's mean over rows (full batches)."""
+    flags = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")
+    plain(tmp_path / "plain", tiny_bert, csv_data, *flags)
+    launch("deepspeed_zero2_bf16.yaml", tmp_path / "deepspeed", tiny_bert, csv_data, *flags,
+           launch_flags=("--gradient_accumulation_steps", "2"))
+    assert without_timings(read_records(tmp_path / "deepspeed")) == without_timings(read_records(tmp_path / "plain"))
+    assert_close_weights(weights(tmp_path / "deepspeed" / "model"), weights(tmp_path / "plain" / "model"), 0.0)
 
 
 def test_a_disagreeing_config_is_refused(tiny_bert, csv_data, tmp_path):
