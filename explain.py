@@ -106,6 +106,8 @@ class Explainer:
         every class asked for, one class fewer is computed (below).
         """
         classes = self.labels if classes is None else list(classes)
+        if not classes:
+            raise ValueError(f"no class to explain: name one or more of {self.labels}, or none for all")
         targets = [self.class_index(c) for c in classes]
         computed = self.computed_targets(targets)
         derive_last = len(computed) < len(targets)

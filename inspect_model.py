@@ -33,7 +33,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from transformers import HfArgumentParser
 
@@ -55,7 +55,7 @@ class InspectConfig:
         default="blocks", metadata={"help": "blocks: embeddings, attention/FFN halves, layers, pooler, head; "
                                             "all: every module with a forward"}
     )
-    explain: str = field(default="", metadata={"help": "a review: explain the trained model's prediction for it "
+    explain: Optional[str] = field(default=None, metadata={"help": "a review: explain the trained model's prediction for it "
                                                        "(Integrated Gradients, attention) instead of the walk-through"})
     model_dir: str = field(default="./fine-tuned-bert", metadata={"help": "with --explain: the trained model folder "
                                                                           "(train_loop.py's --final_model_dir)"})
@@ -74,7 +74,7 @@ def parse_config(argv=None):
         cfg, inspect_cfg = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
         raise UsageError(f"{err}. Run `python inspect_model.py --help` for every flag.") from None
-    if inspect_cfg.explain:
+    if inspect_cfg.explain is not None:
         return cfg, check_explain_config(inspect_cfg)  # a trained model and a text: no training flags apply
     cfg.eval_split, cfg.eval_strategy, cfg.report_to = "", "no", "none"
     # Enough rows for two classes in any seeded subset; tokenizing the full train split is not needed.
@@ -253,8 +253,8 @@ def explanation_table(explanation, shown, model, model_dir):
         lines.append(f"  WARNING: the delta is over 5% of the change: the {explanation.n_steps} points miss part of "
                      f"the path's gradient; raise --explain_n_steps")
     if explanation.truncated:
-        lines.append(f"  the text is longer than {explanation.max_length} tokens: only its first "
-                     f"{explanation.max_length} are explained, as prediction cuts it")
+        lines.append(f"  the text is longer than {explanation.max_length} tokens: only the first "
+                     f"{explanation.max_length} ([CLS] and [SEP] included) are explained, as prediction cuts it")
     width = max(12, *(len(w.text) for w in explanation.words[:200]))
     lines += ["", f"{'word':<{width}} {'score':>8}"]
     for word, score in zip(explanation.words, scores):
@@ -282,7 +282,7 @@ def attention_table(tokens, cls_rows, heads):
 def main(argv=None):
     with exit_on_usage_error():
         cfg, inspect_cfg = parse_config(argv)
-        if inspect_cfg.explain:
+        if inspect_cfg.explain is not None:
             return explain_text(inspect_cfg, cfg.output_dir)
         accelerator, model, optimizer, batch, what = setup(cfg)
         keep = study.every_module if inspect_cfg.detail == "all" else study.is_block

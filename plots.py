@@ -140,6 +140,7 @@ def plot_word_attributions(words, scores, title, path, width_in=11.0, fontsize=9
     for row, line in enumerate(lines):
         for column, index in line:
             ax.text(column, row, words[index].text, family="DejaVu Sans Mono", fontsize=fontsize, va="center",
+                    parse_math=False,  # a review's "$5 ... $10" is text, not mathtext
                     bbox={"facecolor": cmap(norm(scores[index])), "edgecolor": "none", "pad": 1.2})
     bar = fig.add_axes((0.3, 0.45 / height_in, 0.4, 0.12 / height_in))
     fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), cax=bar, orientation="horizontal",
@@ -169,6 +170,8 @@ def plot_cls_attention(tokens, cls_rows, title, path):
     fig.colorbar(image, ax=ax, label="attention weight")
     ax.set(yticks=range(len(cls_rows)), yticklabels=[f"layer {i}" for i in range(len(cls_rows))], title=title)
     ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+    for label in ax.get_xticklabels():
+        label.set_parse_math(False)  # tokens such as "$" are text
     fig.savefig(path, dpi=100)
     return path
 

@@ -409,6 +409,14 @@ def configure_deepspeed(ds_config, cfg, num_processes):
                              cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes),
         "gradient_clipping": ("--max_grad_norm", cfg.max_grad_norm),  # 0 means no clipping in both
     }
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    require(stage != 3 or ds_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"),
+            "ZeRO-3 splits the weights, and checkpoints and the served model need them whole: set "
+            "zero3_save_16bit_model: true in the accelerate config (configs/deepspeed_zero3_bf16.yaml does).")
+    require(stage != 3 or not cfg.load_best_model_at_end,
+            "--load_best_model_at_end loads the best checkpoint's weights into the model, which ZeRO-3 holds "
+            "split across processes. Use ZeRO-2 (configs/deepspeed_zero2_bf16.yaml), or leave the flag out and "
+            "serve the best checkpoint: each checkpoint is a model folder, its training_state.json holds best_metric.")
     require(not cfg.log_layer_grad_norms,
             "--log_layer_grad_norms reads each layer's gradients before the optimizer step, and under DeepSpeed "
             "the engine steps (and frees them) inside backward. Measure per-layer norms without DeepSpeed "
@@ -1030,7 +1038,7 @@ def train_one_epoch(run, epoch, pbar):
     batches = epoch_batches(run, epoch)
     model.train()
     loss_sum, rows = 0.0, 0  # this step's micro-batches so far: the sum of their rows' losses, their rows
-    for batch in batches:
+    for index, batch in enumerate(batches, start=batches_done(run, epoch)):  # index: this epoch's micro-batch
         with accelerator.accumulate(model):
             outputs = model(**batch)  # forward: logits (B, num_labels) and the batch-mean cross-entropy
             loss = outputs.loss if not cfg.label_smoothing_factor else smoothed_loss(outputs.logits, batch, cfg)
@@ -1038,9 +1046,12 @@ def train_one_epoch(run, epoch, pbar):
             # backward of the rows' summed loss: grads += d(sum of row losses / accumulation steps)/dw.
             # The step divides by the rows it really holds, so each row weighs the same however many
             # micro-batches (and rows) its window has: an epoch's last window may be short.
-            # DeepSpeed's engine gets the mean loss: it divides by the steps and processes itself, and it
-            # steps inside the backward of the step's last micro-batch, before we could divide by rows.
-            accelerator.backward(loss * batch_rows if not run.deepspeed else loss)
+            # DeepSpeed's engine steps inside the backward of the step's last micro-batch, before we could
+            # divide by rows: it gets each micro-batch's mean loss over the micro-batches of its window.
+            if not run.deepspeed:
+                accelerator.backward(loss * batch_rows)
+            else:
+                accelerator.backward(loss / window_batches(run, index), scale_wrt_gas=False)
             loss_sum += loss.detach() * batch_rows
             rows += batch_rows
             if accelerator.sync_gradients:  # the last micro-batch of this step: update the weights
@@ -1129,6 +1140,19 @@ def mean_over_rows(model, accelerator, window_rows):
     torch._foreach_mul_(grads, factor)  # one fused multiply for all gradients, as clip_grad_norm_ does
 
 
+def window_batches(run, index):
+    """The micro-batches of the optimizer step that this epoch's micro-batch `index` belongs to: the
+    accumulation steps, or fewer in an epoch's short last window (which steps all the same). DeepSpeed
+    would divide by its configured accumulation steps there too (hence scale_wrt_gas=False above)."""
+    steps = run.cfg.gradient_accumulation_steps
+    return min(steps, len(run.train_dl) - index // steps * steps)
+
+
+def batches_done(run, epoch):
+    """Micro-batches of `epoch` a resumed run has already trained on (0 when not resuming into it)."""
+    return (run.progress.global_step - epoch * run.steps_per_epoch) * run.cfg.gradient_accumulation_steps
+
+
 def epoch_batches(run, epoch):
     """The prepared loader for `epoch`, less the batches a resumed run has already trained on.
 
@@ -1137,7 +1161,7 @@ def epoch_batches(run, epoch):
     without non_blocking: that is put back, so the GPU copies stay asynchronous after a resume too.
     """
     run.train_dl.set_epoch(epoch)
-    done = (run.progress.global_step - epoch * run.steps_per_epoch) * run.cfg.gradient_accumulation_steps
+    done = batches_done(run, epoch)
     if done == 0:
         return run.train_dl
     batches = run.accelerator.skip_first_batches(run.train_dl, done)
@@ -1242,7 +1266,10 @@ def read_checks(run):
         if run.nonfinite_skip != "count":
             progress.skipped_steps += 1
         what = f"step {step}: loss {float(loss):.4g}, grad_norm {float(grad_norm):.4g}"
-        run.accelerator.print(f"{what}: not finite, the update was skipped "
+        outcome = "the update was skipped" if run.nonfinite_skip != "count" else (
+            "fp16's loss scaler skipped it" if run.accelerator.scaler is not None else "DeepSpeed's engine decides whether "
+            "it applied the update (ZeRO-3 and fp16 skip it, ZeRO-1/2 in bf16 do not)")
+        run.accelerator.print(f"{what}: not finite, {outcome} "
                               f"({progress.nonfinite_in_row} in a row; --max_nonfinite_steps {limit})", flush=True)
         if progress.nonfinite_in_row >= limit:
             first = step - progress.nonfinite_in_row + 1

@@ -91,18 +91,14 @@ def test_zero3_resumes_as_if_never_stopped(plain_run, tiny_bert, csv_data, tmp_p
 
 
 def test_the_engine_clips_at_max_grad_norm(plain_run, tiny_bert, csv_data, tmp_path):
-    """--max_grad_norm 0.05, below every step's norm: DeepSpeed's clipping (set to agree) must
+    """--max_grad_norm 0.05, below every step's norm: DeepSpeed's clipping (filled from the flag) must
     change the weights exactly as the plain loop's clip_grad_norm_ does."""
     clipped_plain = tmp_path / "plain"
     plain(clipped_plain, tiny_bert, csv_data, "--max_grad_norm", "0.05")
     assert min(r["grad_norm"] for r in read_records(clipped_plain) if "grad_norm" in r) > 0.05
     deepspeed = tmp_path / "deepspeed"
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero2_bf16.yaml"),
-         "--num_processes", "1", "--mixed_precision", "no", "--gradient_clipping", "0.05", "train_loop.py",
-         *train_args(tiny_bert, csv_data, deepspeed, *QUICK, "--max_grad_norm", "0.05")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch("deepspeed_zero2_bf16.yaml", deepspeed, tiny_bert, csv_data, "--max_grad_norm", "0.05")
+    assert "gradient_clipping 0.05 = --max_grad_norm" in done.stdout + done.stderr
     # DeepSpeed scales by max_norm / (norm + 1e-6) in its own kernels: equal up to float round-off.
     for ours, theirs in zip(without_timings(read_records(deepspeed)), without_timings(read_records(clipped_plain)), strict=True):
         assert ours == pytest.approx(theirs, rel=1e-6)
@@ -111,25 +107,37 @@ def test_the_engine_clips_at_max_grad_norm(plain_run, tiny_bert, csv_data, tmp_p
     assert any(not torch.equal(unclipped[k], weights(deepspeed / "model")[k]) for k in unclipped)
 
 
-def test_gradient_accumulation_under_the_engine(tiny_bert, csv_data, tmp_path):
-    """Two micro-batches per step: accelerate's sync_gradients and the engine's accumulation boundary
-    agree, and the engine's mean over micro-batches is the plain loop's mean over rows (full batches)."""
-    flags = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")
+def test_gradient_accumulation_and_an_epochs_short_last_window(tiny_bert, csv_data, tmp_path):
+    """64 rows in batches of 4, three per step, one epoch: five steps of three micro-batches, then one
+    of one. accelerate's sync_gradients and the engine's boundary agree, and the short window's
+    gradient is its mean (DeepSpeed would divide it by 3), as in the plain loop."""
+    flags = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
+             "--max_steps", "-1", "--num_train_epochs", "1", "--save_strategy", "no")
     plain(tmp_path / "plain", tiny_bert, csv_data, *flags)
-    launch("deepspeed_zero2_bf16.yaml", tmp_path / "deepspeed", tiny_bert, csv_data, *flags,
-           launch_flags=("--gradient_accumulation_steps", "2"))
-    assert without_timings(read_records(tmp_path / "deepspeed")) == without_timings(read_records(tmp_path / "plain"))
-    assert_close_weights(weights(tmp_path / "deepspeed" / "model"), weights(tmp_path / "plain" / "model"), 0.0)
+    launch("deepspeed_zero2_bf16.yaml", tmp_path / "deepspeed", tiny_bert, csv_data, *flags)
+    records = without_timings(read_records(tmp_path / "deepspeed"))
+    assert [r["step"] for r in records if "grad_norm" in r] == [1, 2, 3, 4, 5, 6]
+    assert records == without_timings(read_records(tmp_path / "plain"))  # step 6's grad_norm: the mean's
+    # loss / 1 against loss x rows x (steps / rows): the same gradient up to the last bit
+    assert_close_weights(weights(tmp_path / "deepspeed" / "model"), weights(tmp_path / "plain" / "model"), 1e-8)
 
 
 def test_a_disagreeing_config_is_refused(tiny_bert, csv_data, tmp_path):
-    done = launch("deepspeed_zero2_bf16.yaml", tmp_path, tiny_bert, csv_data, "--max_grad_norm", "0.5", check=False)
+    done = launch("deepspeed_zero2_bf16.yaml", tmp_path, tiny_bert, csv_data, "--max_grad_norm", "0.5", check=False,
+                  launch_flags=("--gradient_clipping", "1.0"))
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert "the DeepSpeed config sets gradient_clipping: 1.0, but --max_grad_norm is 0.5" in output
     assert "exitcode  : 2" in output  # the training process refused it as bad input (the launcher then exits 1)
     assert "train_loop.py\", line" not in output  # no traceback from the loop (the launcher prints its own)
     assert not (tmp_path / "results" / "checkpoint-3").exists()
+
+
+def test_best_model_at_end_is_refused_under_zero3(tiny_bert, csv_data, tmp_path):
+    done = launch("deepspeed_zero3_bf16.yaml", tmp_path, tiny_bert, csv_data, "--load_best_model_at_end", "true",
+                  "--eval_strategy", "steps", "--eval_steps", "3", "--metric_for_best_model", "accuracy", check=False)
+    assert "--load_best_model_at_end loads the best checkpoint's weights into the model, which ZeRO-3" in done.stdout + done.stderr
+    assert "exitcode  : 2" in done.stdout + done.stderr
 
 
 def test_per_layer_norms_are_refused_under_deepspeed(tiny_bert, csv_data, tmp_path):

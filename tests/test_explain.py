@@ -146,6 +146,14 @@ def test_one_class_only(minilm):
     assert pos.attributions["pos"] == pytest.approx(both.attributions["pos"], abs=1e-6)
     with pytest.raises(ValueError, match="unknown class 'positive'.*\\['neg', 'pos'\\]"):
         explainer.explain(REVIEW, classes=["positive"])
+    with pytest.raises(ValueError, match="no class to explain"):
+        explainer.explain(REVIEW, classes=[])
+    # Every class, in another order: the derived one is the right one, whichever comes last.
+    swapped = explainer.explain(REVIEW, classes=["pos", "neg"], n_steps=8)
+    assert list(swapped.attributions) == ["pos", "neg"]
+    for label in LABELS:
+        assert swapped.attributions[label] == pytest.approx(both.attributions[label], abs=1e-6)
+        assert swapped.deltas[label] == pytest.approx(both.deltas[label], abs=1e-6)
 
 
 # -----------------------------------------------------------------------------
