@@ -890,7 +890,8 @@ def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp):
                 model_utils.write_weights(accelerator, model, state_dict, tmp)
     if accelerator.is_main_process:
         write_json(os.path.join(tmp, "training_state.json"), dataclasses.asdict(progress))
-        write_json(os.path.join(tmp, TRAIN_CONFIG), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes})
+        write_json(os.path.join(tmp, TRAIN_CONFIG), {**dataclasses.asdict(cfg), "num_processes": accelerator.num_processes,
+                                                     "engine": checkpoint_format(accelerator)})
         accelerator.unwrap_model(model, keep_torch_compile=False).config.save_pretrained(tmp)  # config.json
         tokenizer.save_pretrained(tmp)
 
@@ -923,12 +924,25 @@ def load_checkpoint(accelerator, cfg, path):
     changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != current[k]]
     require(not changed, f"cannot resume from {path!r}: these settings differ from the checkpoint's "
                          f"({'; '.join(changed)}). Resume with the original settings.")
+    saved_format, now = saved.get("engine"), checkpoint_format(accelerator)  # absent in older checkpoints
+    require(saved_format in (None, now) or "DEEPSPEED" not in saved_format + now,
+            f"cannot resume from {path!r}: it was saved by {saved_format} and this run is {now}; DeepSpeed's "
+            f"engine reads only its own checkpoints, of its own ZeRO stage. Resume with the accelerate config "
+            f"that wrote it, or start a new run from its weights with --model_name_or_path {path}.")
     require(holds_training_state(path),
             f"cannot resume from {path!r}: it was saved with --save_only_model, so it holds no optimizer, "
             f"schedule or random state. Start a new run from its weights with --model_name_or_path {path}.")
     load_state_across_precisions(accelerator, path)
     with open(os.path.join(path, "training_state.json")) as f:
         return Progress(**json.load(f))
+
+
+def checkpoint_format(accelerator):
+    """Who writes a checkpoint's training state: DeepSpeed's engine (per ZeRO stage) or accelerate."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.distributed_type.value
+    stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    return f"DEEPSPEED ZeRO-{stage}"
 
 
 def holds_training_state(path):

@@ -156,3 +156,15 @@ def test_a_deepspeed_config_that_would_silently_become_ddp_is_refused(tiny_bert,
         env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "the accelerate config asks for DEEPSPEED, but accelerate set up MULTI_CPU" in done.stdout + done.stderr
+
+
+def test_a_deepspeed_checkpoint_is_not_resumed_by_another_engine(tiny_bert, csv_data, tmp_path, capsys):
+    """The engine writes its own format: resuming it without DeepSpeed is refused, naming both."""
+    import train_loop
+    from conftest import usage_error
+
+    launch("deepspeed_zero2_bf16.yaml", tmp_path, tiny_bert, csv_data)
+    checkpoint = tmp_path / "results" / "checkpoint-3"
+    err = usage_error(train_loop.main, train_args(tiny_bert, csv_data, tmp_path, *QUICK, "--resume_from_checkpoint",
+                                                 str(checkpoint)), capsys)
+    assert f"cannot resume from '{checkpoint}': it was saved by DEEPSPEED ZeRO-2 and this run is NO" in err
