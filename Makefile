@@ -22,7 +22,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
 
 $(VENV)/.installed: requirements.lock | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	touch $@
 
@@ -53,7 +53,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST)/bin/python -m pip install --quiet --upgrade "$(or $(TORCH_LATEST),torch)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade $(or $(TORCH_LATEST),torch)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade -r requirements.txt "deepspeed>=0.18,<1"
 	$(LATEST)/bin/python -m pip freeze > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q $(ARGS)
