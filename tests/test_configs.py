@@ -94,7 +94,10 @@ def test_two_machines_on_this_host_train_as_two_processes_on_one(tiny_bert, csv_
     assert_same_weights(tmp_path / "machines", one)
     assert without_timings(read_records(tmp_path / "machines")) == without_timings(read_records(one))
     checkpoint = tmp_path / "machines" / "results" / "checkpoint-3"
-    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    from accelerate.utils import RNG_STATE_NAME
+
+    assert sorted(p.name for p in checkpoint.glob(f"{RNG_STATE_NAME}_*.pkl")) == [f"{RNG_STATE_NAME}_0.pkl",
+                                                                                 f"{RNG_STATE_NAME}_1.pkl"]
     # Resumed on the two "machines" from their checkpoint: the same end again.
     resumed = [launcher(tmp_path / "machines", tiny_bert, csv_data, "--config_file",
                         str(CONFIGS / "cpu_two_processes.yaml"), "--num_machines", "2", "--num_processes", "2",
@@ -110,11 +113,17 @@ def test_processes_that_would_each_train_alone_are_refused(tiny_bert, csv_data, 
     """Launched as two, set up as one each (no ACCELERATE_USE_CPU on a machine without a GPU, so
     accelerate finds nothing to run together on): two runs on the same folders. Refused, exit 2."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    exits = tmp_path / "exits"  # tests/record_exit.py writes each process's own exit code here
+    exits.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_two_processes.yaml"),
-         "--main_process_port", str(free_port()), "train_loop.py", *train_args(tiny_bert, csv_data, tmp_path, *QUICK)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 1  # the launcher's; each process exited 2
+         "--main_process_port", str(free_port()), "tests/record_exit.py", "train_loop.py",
+         *train_args(tiny_bert, csv_data, tmp_path, *QUICK)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**env, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "RECORD_EXIT_DIR": str(exits)})
+    # Each process exited 2 (bad input); the launcher's own code is accelerate's and torchrun's business.
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"exit-0.txt": "2", "exit-1.txt": "2"}, done.stderr[-3000:]
+    assert done.returncode != 0
     assert done.stderr.count("error: 2 processes were launched, but accelerate set up 1") == 2
     assert not (tmp_path / "results").exists()
 
@@ -123,14 +132,20 @@ def test_machines_that_do_not_share_the_output_folder_are_refused(tiny_bert, csv
     """Two "machines" whose --output_dir is not the same folder (as on two hosts without a shared
     filesystem): refused before training, on both, with the reason."""
     port = free_port()
+    exits = tmp_path / "exits"  # tests/record_exit.py writes each process's own exit code here (by RANK)
+    exits.mkdir()
     machines = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_two_processes.yaml"),
          "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-         "--main_process_port", str(port), "train_loop.py", *train_args(tiny_bert, csv_data, tmp_path / f"host{rank}", *QUICK)],
+         "--main_process_port", str(port), "tests/record_exit.py", "train_loop.py",
+         *train_args(tiny_bert, csv_data, tmp_path / f"host{rank}", *QUICK)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+             "RECORD_EXIT_DIR": str(exits)}) for rank in (0, 1)]
     outputs = [m.communicate(timeout=300)[0] for m in machines]
-    assert [m.returncode for m in machines] == [1, 1], outputs[0][-2000:]
+    # Each process exited 2 (bad input, refused by require()); each launcher only has to fail.
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"exit-0.txt": "2", "exit-1.txt": "2"}, outputs[0][-2000:]
+    assert all(m.returncode != 0 for m in machines), outputs[0][-2000:]
     for output in outputs:
         assert "1 of the 2 processes do not see the folder the main process writes in" in output, output[-2000:]
     assert not list((tmp_path / "host0" / "results").glob("checkpoint-*"))

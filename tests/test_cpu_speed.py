@@ -149,9 +149,9 @@ def test_importing_switches_nothing_on():
     code = ("import cpu_speed, train_loop, inspect_model, serve.app, serve.packed; "
             "from transformers import AttentionInterface, AttentionMaskInterface; "
             "print(sorted({'sdpa_fast_dropout', 'packed_sdpa'} & "
-            "(set(AttentionInterface._global_mapping) | set(AttentionMaskInterface._global_mapping))))")
+            "(set(AttentionInterface()) | set(AttentionMaskInterface()))), 'sdpa' in AttentionInterface())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] True"  # none of ours; transformers' own are listed (the check sees names)
     model = cpu_speed.use_fast_dropout(tiny_classifier())
     assert model.config._attn_implementation == cpu_speed.ATTENTION_NAME  # switched on: registered and routed

@@ -64,8 +64,16 @@ def test_bad_datasets_are_named_precisely(tmp_path, train, test, kwargs, message
 
 def test_files_whose_columns_differ(tmp_path):
     folder = write_csvs(tmp_path / "d", GOOD, {"review": ["x"], "label": ["pos"]})
-    with pytest.raises(UsageError, match="could not be read \\(because column names don't match\\)"):
+    with pytest.raises(UsageError) as err:
         data.load_splits(folder, "train", "test")
+    # Ours: the folder named, datasets' root cause in brackets (its last line, whatever its words), the fix.
+    message = str(err.value)
+    start, end = f"--dataset_name {folder!r} could not be read (", (
+        "). Check that every data file is well-formed and has the same columns, with the same types.")
+    assert message.startswith(start) and message.endswith(end), message
+    reason = message[len(start):-len(end)]
+    assert reason.strip() and "\n" not in reason, message
+    assert "An error occurred while generating the dataset" not in reason, message  # the cause, not the wrapper
 
 
 def test_empty_split_and_missing_files(tmp_path):

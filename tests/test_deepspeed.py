@@ -26,14 +26,17 @@ QUICK = ("--max_steps", "6", "--logging_steps", "1", "--per_device_train_batch_s
          "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "no", "--plots", "false")
 
 
-def launch(config, out, tiny_bert, csv_data, *extra, check=True, launch_flags=()):
-    """`accelerate launch --config_file configs/<config>` as one fp32 process on this CPU."""
+def launch(config, out, tiny_bert, csv_data, *extra, check=True, launch_flags=(), exits=None):
+    """`accelerate launch --config_file configs/<config>` as one fp32 process on this CPU. With `exits`
+    (a folder), through tests/record_exit.py, which writes the process's own exit code there."""
+    recorded = {"RECORD_EXIT_DIR": str(exits)} if exits else {}
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-         "--num_processes", "1", "--mixed_precision", "no", *launch_flags, "train_loop.py",
+         "--num_processes", "1", "--mixed_precision", "no", *launch_flags,
+         *(["tests/record_exit.py"] if exits else []), "train_loop.py",
          *train_args(tiny_bert, csv_data, out, *QUICK, *extra)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **recorded})
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
@@ -122,28 +125,40 @@ def test_gradient_accumulation_and_an_epochs_short_last_window(tiny_bert, csv_da
     assert_close_weights(weights(tmp_path / "deepspeed" / "model"), weights(tmp_path / "plain" / "model"), 1e-8)
 
 
+def exit_codes(exits):
+    """What tests/record_exit.py wrote: {"exit-<rank>.txt": the code that process exited with}."""
+    return {p.name: p.read_text() for p in exits.iterdir()}
+
+
 def test_a_disagreeing_config_is_refused(tiny_bert, csv_data, tmp_path):
+    (exits := tmp_path / "exits").mkdir()
     done = launch("deepspeed_zero2_bf16.yaml", tmp_path, tiny_bert, csv_data, "--max_grad_norm", "0.5", check=False,
-                  launch_flags=("--gradient_clipping", "1.0"))
-    assert done.returncode != 0
+                  launch_flags=("--gradient_clipping", "1.0"), exits=exits)
+    assert done.returncode != 0  # the launcher's own code is accelerate's and torchrun's business
     output = done.stdout + done.stderr
     assert "the DeepSpeed config sets gradient_clipping: 1.0, but --max_grad_norm is 0.5" in output
-    assert "exitcode  : 2" in output  # the training process refused it as bad input (the launcher then exits 1)
+    assert exit_codes(exits) == {"exit-0.txt": "2"}, output[-3000:]  # the training process refused it as bad input
     assert "train_loop.py\", line" not in output  # no traceback from the loop (the launcher prints its own)
     assert not (tmp_path / "results" / "checkpoint-3").exists()
 
 
 def test_best_model_at_end_is_refused_under_zero3(tiny_bert, csv_data, tmp_path):
+    (exits := tmp_path / "exits").mkdir()
     done = launch("deepspeed_zero3_bf16.yaml", tmp_path, tiny_bert, csv_data, "--load_best_model_at_end", "true",
-                  "--eval_strategy", "steps", "--eval_steps", "3", "--metric_for_best_model", "accuracy", check=False)
+                  "--eval_strategy", "steps", "--eval_steps", "3", "--metric_for_best_model", "accuracy", check=False,
+                  exits=exits)
     assert "--load_best_model_at_end loads the best checkpoint's weights into the model, which ZeRO-3" in done.stdout + done.stderr
-    assert "exitcode  : 2" in done.stdout + done.stderr
+    assert exit_codes(exits) == {"exit-0.txt": "2"}, done.stderr[-3000:]
+    assert done.returncode != 0
 
 
 def test_per_layer_norms_are_refused_under_deepspeed(tiny_bert, csv_data, tmp_path):
-    done = launch("deepspeed_zero2_bf16.yaml", tmp_path, tiny_bert, csv_data, "--log_layer_grad_norms", "true", check=False)
+    (exits := tmp_path / "exits").mkdir()
+    done = launch("deepspeed_zero2_bf16.yaml", tmp_path, tiny_bert, csv_data, "--log_layer_grad_norms", "true", check=False,
+                  exits=exits)
     assert "--log_layer_grad_norms reads each layer's gradients before the optimizer step" in done.stdout + done.stderr
-    assert "exitcode  : 2" in done.stdout + done.stderr
+    assert exit_codes(exits) == {"exit-0.txt": "2"}, done.stderr[-3000:]
+    assert done.returncode != 0
 
 
 def test_a_deepspeed_config_that_would_silently_become_ddp_is_refused(tiny_bert, csv_data, tmp_path):

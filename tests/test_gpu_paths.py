@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+from accelerate.utils import SCALER_NAME
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
@@ -126,21 +127,21 @@ def test_resume_in_fp16_from_a_bf16_checkpoint_and_back(tiny_bert, csv_data, tmp
     bf16 = tmp_path / "bf16"
     run = start(train_args(tiny_bert, csv_data, bf16, "--mixed_precision", "bf16", "--max_steps", "2", *flags[2:]))
     train_loop.train(run)
-    assert not (bf16 / "results" / "checkpoint-2" / "scaler.pt").exists()
+    assert not (bf16 / "results" / "checkpoint-2" / SCALER_NAME).exists()
 
     reset_accelerate()
     run = start(train_args(tiny_bert, csv_data, bf16, "--mixed_precision", "fp16", *flags,
                            "--resume_from_checkpoint", "latest"), fp16=True)
-    assert "was saved without fp16 (no scaler.pt); this fp16 run starts a fresh loss scaler at scale 256" in capsys.readouterr().out
+    assert f"was saved without fp16 (no {SCALER_NAME}); this fp16 run starts a fresh loss scaler at scale 256" in capsys.readouterr().out
     assert run.progress.global_step == 2
     train_loop.train(run)
-    assert run.progress.global_step == 4 and (bf16 / "results" / "checkpoint-4" / "scaler.pt").exists()
+    assert run.progress.global_step == 4 and (bf16 / "results" / "checkpoint-4" / SCALER_NAME).exists()
 
     reset_accelerate()
     final = train_loop.main(train_args(tiny_bert, csv_data, bf16, "--mixed_precision", "bf16", "--max_steps", "6",
                                        *flags[2:], "--resume_from_checkpoint", "latest"))
     out = capsys.readouterr().out
-    assert "checkpoint-4 was saved under fp16; this run (bf16) needs no loss scaler, so its scaler.pt is not used" in out
+    assert f"checkpoint-4 was saved under fp16; this run (bf16) needs no loss scaler, so its {SCALER_NAME} is not used" in out
     assert "resuming at step 4" in out and final is not None
     assert [r["step"] for r in read_records(bf16) if "train_runtime" in r][-1] == 6
 

@@ -244,7 +244,7 @@ def test_refuses_what_predict_refuses(small_limits, body, status):
 
 @pytest.mark.parametrize(("content", "status"), [
     (b'{"text": "\\ud800 lone surrogate"}', 422),  # not Unicode text
-    (b'{"text": "\xff\xfe not utf-8"}', 400),  # not UTF-8
+    (b'{"text": "\xff\xfe not utf-8"}', {400, 422}),  # not UTF-8: FastAPI's refusal, its status (400 in 0.1xx)
     (b"{not json", 422),
     (json.dumps({"text": "x" * 3000}).encode(), 413),  # over --max_body_bytes (2000 here): the middleware
 ])
@@ -252,7 +252,8 @@ def test_refuses_raw_bodies_as_predict_does(small_limits, content, status):
     headers = {"content-type": "application/json"}
     explained = small_limits.post("/explain", content=content, headers=headers)
     predicted = small_limits.post("/predict", content=content, headers=headers)
-    assert explained.status_code == predicted.status_code == status, explained.text
+    assert explained.status_code == predicted.status_code, (explained.text, predicted.text)
+    assert explained.status_code in (status if isinstance(status, set) else {status}), explained.text
     assert explained.json()["error_type"] == predicted.json()["error_type"]
 
 

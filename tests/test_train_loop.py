@@ -166,7 +166,7 @@ def test_overfits_a_handful_of_examples(tiny_bert, csv_data, tmp_path):
 def test_saved_model_serves_label_names_in_pipeline(tiny_bert, csv_data, tmp_path):
     final, records = run(tiny_bert, csv_data, tmp_path, "--num_train_epochs", "1", "--save_strategy", "no")
     classify = pipeline("text-classification", model=str(tmp_path / "model"), top_k=None)
-    scores = classify("a great and wonderful film")[0]
+    scores = classify(["a great and wonderful film"])[0]  # a list in, one list of scores per text out
     assert {s["label"] for s in scores} == {"negative", "positive"}  # the csv's label names, sorted
     assert sum(s["score"] for s in scores) == pytest.approx(1.0)
     with open(tmp_path / "results" / "eval_results.json") as f:

@@ -159,7 +159,9 @@ def test_save_only_model_checkpoints_load_but_do_not_resume(tiny_bert, csv_data,
     records(tiny_bert, csv_data, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
             "--save_only_model", "true", "--eval_strategy", "no", "--plots", "false")
     checkpoint = out / "results" / "checkpoint-2"
-    assert not (checkpoint / "optimizer.bin").exists()
+    from accelerate.utils import OPTIMIZER_NAME
+
+    assert not list(checkpoint.glob(f"{OPTIMIZER_NAME}*"))  # no optimizer state, under any of accelerate's names
     assert AutoModelForSequenceClassification.from_pretrained(checkpoint).config.id2label[1] == "positive"
     err = usage_error(train_loop.main, train_args(tiny_bert, csv_data, out, "--max_steps", "6",
                                                   "--resume_from_checkpoint", str(checkpoint)), capsys)
