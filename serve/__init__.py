@@ -9,8 +9,9 @@ its router, core and backends:
     batching.py     limits, input validation, the batching worker
     classifier.py   the loaded model behind the worker: each batch tokenized, padded batches split by length
     packed.py       packed batches: no padding at all (a BERT model on a CPU)
-    explaining.py   POST /explain: explain.py's Integrated Gradients on a model copy, a thread and a cap of its own
+    explaining.py   POST /explain: training/explain.py's Integrated Gradients on a model copy, a thread and a cap of its own
     predict.py      the same worker from the command line                 python -m serve.predict
 
-Imports run one way: this package uses the training modules (model_utils, errors, explain), never the reverse.
+Imports run one way: this package uses the training modules (model_utils,
+training/errors.py, training/explain.py), never the reverse.
 """

@@ -5,7 +5,7 @@ also speaks Text Embeddings Inference's API ({"inputs": ...}), POST / the Hub's 
 huggingface_hub.InferenceClient(base_url=...).text_classification sends): serve/ecosystem.py.
 GET /metrics reports Prometheus metrics named as TEI's; each answer carries x-request-id and each
 request has a log line with it (serve/metrics.py). POST /explain says which words made the prediction
-(Integrated Gradients, explain.py), on a model copy and a thread of its own (serve/explaining.py).
+(Integrated Gradients, training/explain.py), on a model copy and a thread of its own (serve/explaining.py).
 
     python -m serve                                          # ./fine-tuned-bert on http://127.0.0.1:8000
     python -m serve --model_dir path/to/model --host 0.0.0.0 --port 8080
@@ -59,8 +59,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictStr, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import HfArgumentParser
 
-from errors import UsageError, exit_on_usage_error
-from explain import N_STEPS
+from training.errors import UsageError, exit_on_usage_error
+from training.explain import N_STEPS
 from model_utils import check_model_dir
 from serve.batching import InputError, Limits, Overloaded, check_texts
 from serve.classifier import Classifier, Text, softmax, to_prediction
