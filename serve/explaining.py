@@ -188,7 +188,7 @@ class Explaining:
 
 
 def to_answer(explanation, seconds):
-    """POST /explain's body (serve/app.py's ExplainResponse) from an explain.Explanation."""
+    """POST /explain's body (serve/http_types.py's ExplainResponse) from an explain.Explanation."""
     scores = explanation.scores
     return {
         "prediction": {"label": explanation.label, "score": scores[explanation.label], "scores": scores},
