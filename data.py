@@ -21,9 +21,34 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding
 
-from errors import UsageError, require_local_or_reachable
+from training.errors import UsageError, require_local_or_reachable
 
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# -----------------------------------------------------------------------------
+# a training run's data, from its flags (train_loop.build calls these two)
+
+
+def load_for_training(cfg):
+    """Raw splits, validated and subset, with the label names: all before any model is downloaded."""
+    splits = load_splits(cfg.dataset_name, cfg.train_split, cfg.eval_split)
+    label_names = validate(splits, cfg.text_column, cfg.label_column)
+    limits = {"train": cfg.max_train_samples, "eval": cfg.max_eval_samples}
+    splits = {role: take_subset(ds, limits[role], cfg.seed) for role, ds in splits.items()}
+    if len(set(splits["train"][cfg.label_column])) < 2:
+        raise UsageError(f"the {len(splits['train'])}-row training subset has one class only; take more rows.")
+    return splits, label_names
+
+
+def tokenize_splits(cfg, splits, label_names, tokenizer, accelerator):
+    """(train, eval or None), tokenized once by the main process, then read from the cache by all."""
+    with accelerator.main_process_first():
+        tokenized = {
+            role: tokenize(ds, tokenizer, cfg.text_column, cfg.label_column, label_names, cfg.max_length)
+            for role, ds in splits.items()
+        }
+    return tokenized["train"], tokenized.get("eval")
 
 
 # -----------------------------------------------------------------------------

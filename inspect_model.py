@@ -2,7 +2,7 @@
 
 Takes train_loop.py's model and data flags and builds everything through train_loop.build, the
 setup training itself uses: the same tokenizer, batches, model (its --attn_implementation, and on a
-CPU the speed-ups of cpu_speed.py), AdamW and Accelerator (so --mixed_precision shows the dtypes
+CPU the speed-ups of training/cpu_speed.py), AdamW and Accelerator (so --mixed_precision shows the dtypes
 autocast really produces). It says first what it walks through, then takes one training batch and prints:
 
   forward   every block's output from the embeddings through each encoder layer's attention and
@@ -21,7 +21,7 @@ loaded. Nothing in the model's code changes; hooks read it from outside and are 
 
 With --explain TEXT it asks the other question, what the backward pass says about the *input*:
 why a trained model (--model_dir, default ./fine-tuned-bert) classified TEXT as it did. It prints
-each word's Integrated Gradients score for the predicted class (explain.py says what IG computes
+each word's Integrated Gradients score for the predicted class (training/explain.py says what IG computes
 and why plain gradients are not enough), the tokens [CLS] attends to in each layer, and writes two
 pictures into --output_dir: explain_words.png and explain_attention.png.
 
@@ -39,10 +39,11 @@ from transformers import HfArgumentParser
 
 import model_utils
 import plots
-import study
 import train_loop
-from errors import UsageError, exit_on_usage_error
-from explain import N_STEPS, Explainer
+from training import study
+from training.config import TrainConfig, validate_config
+from training.errors import UsageError, exit_on_usage_error
+from training.explain import N_STEPS, Explainer
 
 
 # -----------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class InspectConfig:
 
 def parse_config(argv=None):
     """TrainConfig's flags (one batch of training rows; no evaluation, no trackers) + InspectConfig."""
-    parser = HfArgumentParser((train_loop.TrainConfig, InspectConfig))
+    parser = HfArgumentParser((TrainConfig, InspectConfig))
     try:
         cfg, inspect_cfg = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
     except ValueError as err:
@@ -79,7 +80,7 @@ def parse_config(argv=None):
     cfg.eval_split, cfg.eval_strategy, cfg.report_to = "", "no", "none"
     # Enough rows for two classes in any seeded subset; tokenizing the full train split is not needed.
     cfg.max_train_samples = cfg.max_train_samples or max(64, cfg.per_device_train_batch_size)
-    return train_loop.validate_config(cfg), inspect_cfg
+    return validate_config(cfg), inspect_cfg
 
 
 def check_explain_config(inspect_cfg):
@@ -97,7 +98,7 @@ def setup(cfg):
     """(accelerator, prepared model, prepared AdamW, one training batch on the device, what is walked through).
 
     train_loop.build is what training itself calls: the same tokenizer, batches and model, with the
-    same --attn_implementation and, on a CPU, the same speed-ups (cpu_speed.py).
+    same --attn_implementation and, on a CPU, the same speed-ups (training/cpu_speed.py).
     """
     built = train_loop.build(cfg)
     accelerator = built.accelerator

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from errors import UsageError, require_local_or_reachable
+from training.errors import UsageError, require_local_or_reachable
 
 
 # -----------------------------------------------------------------------------

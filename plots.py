@@ -6,7 +6,7 @@
 
     python plots.py results/                       # redraw them for any finished run
 
-and the two pictures of one explanation (inspect_model.py --explain, explain.py):
+and the two pictures of one explanation (inspect_model.py --explain, training/explain.py):
 
     explain_words.png      the text, each word coloured by its attribution to one class
     explain_attention.png  where [CLS] looks in each layer: its attention row, mean over heads

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import torch
 
-from explain import Explainer
+from training.explain import Explainer
 from model_utils import load_for_inference
 
 IMDB_TEST = "../shared/data/imdb/plain_text/test-00000-of-00001.parquet"

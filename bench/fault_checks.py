@@ -7,8 +7,8 @@ for bert-base.
 
 One short real run (train_loop.run_training, 2 steps, a checkpoint at each) gives a real
 checkpoint: model, AdamW's moments, schedule, random state. Then, side by side in this process:
-a whole checkpoint save, writing its manifest, and verifying it; and the check_finite step
-code against the same step without it.
+a whole checkpoint save, writing its manifest, and verifying it; and the NaN/inf guard's per-step
+check (training/faults.py) against the same step without it.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import time
 import torch
 
 import train_loop
+from training import checkpoints
 
 PROG = "python -m bench.fault_checks"
 
@@ -49,14 +50,16 @@ def folder_bytes(path):
 
 
 def check_cost(run, steps):
-    """Seconds per step of check_finite's device work on this run's optimizer, as the loop does it."""
+    """Seconds per step of the NaN/inf guard's device work on this run's optimizer, as the loop does it."""
     loss, norm = torch.tensor(0.69), torch.tensor(1.5)
 
     def checks():
         for _ in range(steps):
-            train_loop.check_finite(run, loss, norm)
-            run.optimizer.optimizer.__dict__.pop("found_inf", None)
-        train_loop.read_checks(run)
+            flag = run.guard.check(run.progress.global_step + 1, loss, norm)
+            if run.guard.skip == "device":  # the flag step_unless_nonfinite hands the fused AdamW
+                run.optimizer.optimizer.found_inf = flag
+                del run.optimizer.optimizer.found_inf
+        run.guard.read(run.progress)
 
     checks()  # warm-up
     return median_seconds(checks, 3) / steps
@@ -70,18 +73,18 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
         run = real_run(out, args.model, args.data)
-        checkpoint = train_loop.checkpoint_path(run.cfg, run.progress.global_step)
+        checkpoint = checkpoints.checkpoint_path(run.cfg, run.progress.global_step)
         size = folder_bytes(checkpoint)
         save = median_seconds(lambda: train_loop.checkpoint(run), args.repeats)
-        write = median_seconds(lambda: train_loop.write_manifest(checkpoint), args.repeats)
-        verify = median_seconds(lambda: train_loop.checkpoint_damage(checkpoint), args.repeats)
+        write = median_seconds(lambda: checkpoints.write_manifest(checkpoint), args.repeats)
+        verify = median_seconds(lambda: checkpoints.checkpoint_damage(checkpoint), args.repeats)
         per_step = check_cost(run, 2000)
     print(f"\ncheckpoint of {size / 1e6:,.0f} MB ({run.cfg.model_name_or_path}), median of {args.repeats}\n")
     print("| what | seconds | share of a save |\n|---|---|---|")
     print(f"| whole checkpoint save (manifest included) | {save:.3f} | 100% |")
     print(f"| writing the manifest (sha256 of every file) | {write:.3f} | {write / save:.0%} |")
     print(f"| verifying it (--resume_from_checkpoint) | {verify:.3f} | {verify / save:.0%} |")
-    print(f"\nper-step NaN/inf check (check_finite, device skip: {run.nonfinite_skip}): {per_step * 1e6:.1f} µs per step")
+    print(f"\nper-step NaN/inf check (NonfiniteGuard.check, device skip: {run.guard.skip}): {per_step * 1e6:.1f} µs per step")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from bench.measure import matmul_peak, training_flops  # noqa: E402 (needs the root on sys.path)
-from errors import exit_on_usage_error  # noqa: E402
+from training.errors import exit_on_usage_error  # noqa: E402
 
 WORDS = 30_000  # vocabulary of synthetic words, bert-base-uncased's size
 
@@ -103,10 +103,11 @@ def run(args):
     import data
     import model_utils
     import train_loop
+    from training import engines
 
     # MFU against a matmul peak in the run's own precision, timed in this process (nan: a CPU smoke run).
     if torch.cuda.is_available():
-        train_loop.set_tf32(args.precision == "tf32", torch.device("cuda"))  # the peak in the run's format
+        engines.set_tf32(args.precision == "tf32", torch.device("cuda"))  # the peak in the run's format
         peak = matmul_peak("cuda", PEAK_DTYPES[args.precision], size=8192, trials=1)
         torch.cuda.reset_peak_memory_stats()
     else:

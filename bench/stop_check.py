@@ -1,5 +1,5 @@
 """What the loop's per-step stop check costs with several processes: one max all-reduce of one
-integer over a CPU (gloo) group, as train_loop.StopRequest.agreed does at every step boundary.
+integer over a CPU (gloo) group, as faults.StopRequest.agreed does at every step boundary.
 
     python -m bench.stop_check                    # 2 processes, 2,000 checks, 3 repeats
     python -m bench.stop_check --processes 4 --checks 5000

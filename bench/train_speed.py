@@ -11,7 +11,7 @@ the same batch size, sequence limit and number of steps, then evaluates the same
 
     (a) trainer_seed   Trainer, rows padded to the longest in `.map(padding=True)`: all 512 tokens
     (b) trainer_best   Trainer + DataCollatorWithPadding + train_sampling_strategy="group_by_length"
-    (b+) trainer_best_cpu_speed   (b) + our two CPU changes (cpu_speed.py): what is left is batching
+    (b+) trainer_best_cpu_speed   (b) + our two CPU changes (training/cpu_speed.py): what is left is batching
     (c) ours           train_loop.py with its defaults
 
 Each runs in a fresh subprocess, so its peak memory (ru_maxrss) is its own and no variant warms
@@ -33,7 +33,7 @@ import torch
 
 from bench.measure import matmul_peak, training_flops
 import model_utils
-from errors import exit_on_usage_error
+from training.errors import exit_on_usage_error
 
 PROG = "python -m bench.train_speed"
 DEFAULTS = dict(model="../shared/models/minilm-l6", data="../shared/data/imdb", train_samples=96, eval_samples=200,
@@ -104,13 +104,13 @@ def load_subsets(args, tokenizer):
 def run_trainer(args, best, with_cpu_speed=False):
     """Trainer as the seed tutorial writes it (best=False), or with its speed options (best=True).
 
-    with_cpu_speed: also our two CPU changes (cpu_speed.py), which are not Trainer options; this
+    with_cpu_speed: also our two CPU changes (training/cpu_speed.py), which are not Trainer options; this
     variant shows how much of our loop's lead is theirs and how much is batching.
     """
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, default_data_collator)
 
-    from metrics import ClassificationMetrics
+    from training.metrics import ClassificationMetrics
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     splits, label_names = load_subsets(args, tokenizer)
@@ -123,7 +123,7 @@ def run_trainer(args, best, with_cpu_speed=False):
     recorder = BatchRecorder(DataCollatorWithPadding(tokenizer) if best else default_data_collator)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(label_names))
     if with_cpu_speed:
-        import cpu_speed
+        from training import cpu_speed
 
         cpu_speed.use_fast_dropout(model)
         cpu_speed.reuse_freed_memory()

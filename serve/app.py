@@ -5,7 +5,7 @@ also speaks Text Embeddings Inference's API ({"inputs": ...}), POST / the Hub's 
 huggingface_hub.InferenceClient(base_url=...).text_classification sends): serve/ecosystem.py.
 GET /metrics reports Prometheus metrics named as TEI's; each answer carries x-request-id and each
 request has a log line with it (serve/metrics.py). POST /explain says which words made the prediction
-(Integrated Gradients, explain.py), on a model copy and a thread of its own (serve/explaining.py).
+(Integrated Gradients, training/explain.py), on a model copy and a thread of its own (serve/explaining.py).
 
     python -m serve                                          # ./fine-tuned-bert on http://127.0.0.1:8000
     python -m serve --model_dir path/to/model --host 0.0.0.0 --port 8080
@@ -48,31 +48,31 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import uvicorn
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictStr, Tag
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import HfArgumentParser
 
-from errors import UsageError, exit_on_usage_error
-from explain import N_STEPS
 from model_utils import check_model_dir
 from serve.batching import InputError, Limits, Overloaded, check_texts
+from serve.body_limit import BodyLimit
 from serve.classifier import Classifier, Text, softmax, to_prediction
-from serve.ecosystem import (ErrorType, HubPrediction, Task, TeiPrediction, check_inputs, error_type_for, hub_answer,
-                             hub_request, hub_task, tei_answer, tei_request, tei_task, timing_headers)
+from serve.ecosystem import HubPrediction, check_inputs, hub_answer, hub_request, hub_task, tei_answer, timing_headers
 from serve.explaining import Busy, ShuttingDown, load_explaining, to_answer
+from serve.http_types import (EXPLAIN_WHEN, PREDICT_ANSWERS, ExplainResponse, HealthResponse, documented, error,
+                              explain_request, http_error, our_task, predict_request, unexpected_error, validation_error)
 from serve.metrics import Metrics, RequestLog
+from serve.model_state import EXIT_LOAD_FAILED, ModelState
+from training.errors import UsageError, exit_on_usage_error
+from training.explain import N_STEPS
 
 log = logging.getLogger("app")
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 ENV_PREFIX = "SERVE_"
-EXIT_LOAD_FAILED = 1  # errors.RunFailed's code: the run cannot go on
 
 
 # -----------------------------------------------------------------------------
@@ -171,335 +171,6 @@ def find_eval_results(cfg):
             except (OSError, ValueError) as err:
                 log.warning("cannot read %s: %s", path, err)
     return None, None
-
-
-# -----------------------------------------------------------------------------
-# model state: loaded in the background so /health can say 503 while it loads
-
-
-class ModelState:
-    def __init__(self, cfg, exit_on_failure=False, on_ready=None):
-        self.cfg = cfg
-        self.exit_on_failure = exit_on_failure  # a server process stops; an app inside a test keeps serving 503
-        self.on_ready = on_ready  # called with the classifier before it serves (the metrics hook in)
-        self.classifier = None  # set once loaded and warmed up
-        self.explaining = None  # the explainer (serve/explaining.py), set before `classifier`; None when off
-        self.error = None  # set if loading failed
-
-    def load(self, load_classifier, load_explainer):
-        """Runs in a background thread; assigning `classifier` is what makes /health say 200, so the
-        explainer loads (and warms up) first: a server that says ready answers /explain too."""
-        try:
-            started = time.perf_counter()
-            if self.cfg.max_concurrent_explains > 0:
-                self.explaining = load_explainer(self.cfg.model_dir, self.cfg, self.cfg.device)
-            classifier = load_classifier(self.cfg.model_dir, self.cfg, self.cfg.device)
-            if self.on_ready is not None:
-                self.on_ready(classifier)
-            self.classifier = classifier
-            copy = " (and its float32 copy for /explain)" if self.explaining is not None else ""
-            log.info("model %s%s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, copy,
-                     time.perf_counter() - started)
-        except Exception as err:  # a broken folder (truncated weights, say): one paragraph, no traceback
-            self.error = str(err).rstrip(".") or type(err).__name__
-            log.error("%s", self.failure_message())
-            if self.exit_on_failure:
-                stop_server()
-
-    def failure_message(self):
-        stops = f"; the server stops with exit code {EXIT_LOAD_FAILED}" if self.exit_on_failure else ""
-        return (f"error: cannot load the model from {self.cfg.model_dir!r}: {self.error}. Check that the folder "
-                f"holds the complete files save_pretrained wrote (a copy cut short leaves truncated weights){stops}.")
-
-    def not_ready(self, loading="the model is still loading; retry in a few seconds."):
-        """Why there is no answer yet: the 503 message."""
-        return loading if self.error is None else f"the model failed to load: {self.error}"
-
-
-# -----------------------------------------------------------------------------
-# request and response shapes
-
-
-def predict_request(limits):
-    """The /predict body as a type: {"text": ...}, {"texts": [...]} or TEI's {"inputs": ...}, exactly
-    one of the three (`oneOf` in /openapi.json, so that the schema says exactly what the app accepts).
-
-    The limits appear in the schema (maxLength, maxItems, a non-blank pattern), but check_texts
-    enforces them, as for the command line: sizes answer 413, as in TEI, where pydantic would say 422.
-    (TEI's own body follows TEI's checks: serve/ecosystem.py.)
-    """
-    review = Annotated[StrictStr, Field(json_schema_extra={"maxLength": limits.max_chars, "pattern": r"\S"})]
-
-    class OneText(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "A wonderful, moving film."}]})
-        text: review = Field(description="one review")
-
-    class ManyTexts(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["Great!", "Dull."]}]})
-        texts: list[review] = Field(description=f"several reviews (at most {limits.max_inputs}), answered in order",
-                                    json_schema_extra={"minItems": 1, "maxItems": limits.max_inputs})
-
-    one_of = (Annotated[OneText, Tag("text")] | Annotated[ManyTexts, Tag("texts")]
-              | Annotated[tei_request(limits), Tag("inputs")])
-    return Annotated[one_of, Discriminator(input_field, custom_error_type="one_of",
-                                           custom_error_message='send exactly one of "text", "texts" or "inputs"')]
-
-
-SHAPES = ("text", "texts", "inputs")
-
-
-def input_field(body):
-    """Which shape a body has: "text", "texts" or "inputs" when it holds exactly one of them (null
-    counts as absent), else None, and pydantic reports a "one_of" error."""
-    if not isinstance(body, dict):
-        return None
-    present = [name for name in SHAPES if body.get(name) is not None]
-    return present[0] if len(present) == 1 else None
-
-
-def our_task(body):
-    if hasattr(body, "inputs"):
-        return tei_task(body)
-    if hasattr(body, "texts"):
-        return Task("ours", body.texts, single=False)
-    return Task("ours", [body.text], single=True, name=lambda i: "text")
-
-
-class Prediction(BaseModel):
-    label: str = Field(description="the most probable class")
-    score: float = Field(description="its probability")
-    scores: dict[str, float] = Field(description="probability of every class, in the model's label order")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[Prediction] = Field(description="one per input text, in input order")
-
-
-# What /predict answers: ours for {"text"} and {"texts"}; TEI's for {"inputs"}, a flat list for one input.
-PREDICT_ANSWERS = PredictResponse | list[TeiPrediction] | list[list[TeiPrediction]]
-
-
-def explain_request(limits):
-    """The /explain body: one review, as {"text": ...} of /predict, and the end to cut when it is too long."""
-
-    class ExplainRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "A wonderful, moving film."}]})
-        text: StrictStr = Field(description="one review", json_schema_extra={"maxLength": limits.max_chars,
-                                                                             "pattern": r"\S"})
-        truncation_direction: Literal["Right", "Left", "right", "left"] = Field(
-            "Right", description="over the model's maximum, Right explains a review's beginning, Left its end "
-                                 "(spelt as in TEI's body of /predict)")
-
-    return ExplainRequest
-
-
-class ExplainedWord(BaseModel):
-    text: str = Field(description="the word: the review's characters start to end")
-    start: int = Field(description="offset of its first character in the review, in Unicode code points")
-    end: int = Field(description="offset just after its last character")
-    attributions: dict[str, float] = Field(
-        description="per class, the word's share of the change in that class's probability from the baseline "
-                    "(the review with every word replaced by [PAD]) to the review; a word's scores add up to 0")
-
-
-class ExplainResponse(BaseModel):
-    prediction: Prediction = Field(description="the explained model copy's prediction for the review")
-    words: list[ExplainedWord] = Field(description="the words the model saw, in text order (whitespace-separated)")
-    truncated: bool = Field(description="the review was over max_length tokens: only the words listed were seen")
-    num_tokens: int = Field(description="tokens explained, [CLS] and [SEP] included")
-    max_length: int = Field(description="the model's maximum, in tokens")
-    n_steps: int = Field(description="Integrated Gradients' points along the path (--explain_n_steps)")
-    deltas: dict[str, float] = Field(
-        description="per class, the convergence delta: the sum of the words' scores minus "
-                    "(scores - baseline_scores), the error of the integral")
-    baseline_scores: dict[str, float] = Field(description="probability of every class for the all-[PAD] baseline")
-    seconds: float = Field(description="how long the explanation took, in the explainer's thread")
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok"]
-
-
-class ErrorResponse(BaseModel):
-    error: str = Field(description="what is wrong, in one paragraph")
-    error_type: ErrorType = Field(description="the class of problem, in Text Embeddings Inference's words")
-
-
-# Every status a route answers besides 200, documented in /openapi.json.
-WHEN = {
-    400: "the body is not UTF-8; in TEI's and the Hub's API, a text is empty (error_type Empty)",
-    413: "the body, a text or the number of texts is over its limit (in TEI's and the Hub's API, only the body)",
-    422: "the body is not one of the accepted shapes, a text is blank or not valid Unicode; in TEI's and the "
-         "Hub's API also too many texts, or a text over the model's maximum with truncate false",
-    429: "too many texts are waiting for the model; retry after Retry-After seconds",
-    503: "the model is still loading",
-}
-EXPLAIN_WHEN = WHEN | {
-    400: "the body is not UTF-8",
-    413: "the body or the text is over its limit",
-    422: "the body is not {\"text\": ...} (with an optional truncation_direction), or the text is blank or not "
-         "valid Unicode",
-    429: "--max_concurrent_explains explanations are running or waiting already; retry after Retry-After seconds",
-    503: "the model is still loading, or the server is stopping",
-}
-RETRY_AFTER = {"retry-after": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
-
-
-def documented(*codes, when=WHEN):
-    responses = {code: {"model": ErrorResponse, "description": when[code]} for code in codes}
-    if 429 in responses:
-        responses[429]["headers"] = RETRY_AFTER
-    return responses
-
-
-# -----------------------------------------------------------------------------
-# errors: always JSON {"error": "...", "error_type": "..."}, never a stack trace
-
-
-def error(status, message, headers=None, error_type=None):
-    """The error body of every route: TEI's ErrorResponse, whatever style the request had."""
-    return JSONResponse({"error": message, "error_type": error_type or error_type_for(status)}, status_code=status,
-                        headers=headers)
-
-
-# What each body shape takes, for the message about an unknown field.
-FIELDS = {
-    "text": "send 'text' or 'texts'",
-    "texts": "send 'text' or 'texts'",
-    "inputs": "TEI's API takes 'inputs', 'truncate', 'truncation_direction' and 'raw_scores'",
-    "hub": "POST / takes 'inputs' and 'parameters'",
-    "parameters": "'parameters' takes 'top_k' and 'function_to_apply'",
-    "explain": "POST /explain takes 'text' and 'truncation_direction'",
-}
-EXAMPLES = {"/predict": '{"text": "..."}', "/": '{"inputs": "..."}', "/explain": '{"text": "..."}'}
-BODY_OF = {"/": "hub", "/explain": "explain"}  # the FIELDS entry of a route whose body has one shape
-
-
-def describe_validation_errors(errors, path="/predict"):
-    """FastAPI's error list -> one readable sentence per problem, e.g. "texts[1]: Input should be a valid string".
-    On /predict the second part of each location is the body's shape ("text", "texts", "inputs")."""
-    parts = []
-    for err in errors:
-        loc = [str(part) for part in err.get("loc", ())][1:]  # drop "body"
-        shape = loc.pop(0) if path == "/predict" and loc else BODY_OF.get(path, "hub")
-        if err.get("type") == "json_invalid":
-            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
-        elif err.get("type") == "one_of":
-            parts.append(describe_wrong_shape(err.get("input")))
-        elif err.get("type") == "inputs":  # serve/ecosystem.py's own sentence
-            parts.append(err.get("msg"))
-        elif not loc:  # no body at all, or a form
-            parts.append(f"the body must be a JSON object such as {EXAMPLES.get(path, '{}')}, sent as application/json")
-        elif err.get("type") == "extra_forbidden":
-            parts.append(f"unknown field {loc[-1]!r}: {FIELDS['parameters' if loc[0] == 'parameters' else shape]}")
-        else:
-            where = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in loc).lstrip(".") or "body"
-            parts.append(f"{where}: {err.get('msg')}")
-    return "; ".join(parts) + "."
-
-
-def describe_wrong_shape(body):
-    """A body that is none of {"text": ...}, {"texts": [...]} and {"inputs": ...}."""
-    if not isinstance(body, dict):  # a list, a string, a number
-        return 'the body must be a JSON object such as {"text": "..."}, sent as application/json'
-    unknown = sorted(set(body) - set(SHAPES))
-    if unknown and all(body.get(name) is None for name in SHAPES):
-        return f"unknown field {unknown[0]!r}: send 'text' or 'texts' (or TEI's 'inputs')"
-    return ('send exactly one of "text" (a string), "texts" (a list of strings) or "inputs" (Text Embeddings '
-            'Inference\'s API)')
-
-
-async def validation_error(request, exc):
-    return error(422, describe_validation_errors(exc.errors(), request.url.path))
-
-
-async def http_error(request, exc):
-    headers = getattr(exc, "headers", None)
-    if exc.status_code == 405:  # Starlette names the methods of one route; GET / and POST / are two
-        headers = {name: value for name, value in (headers or {}).items() if name.lower() != "allow"}
-        headers["allow"] = ", ".join(allowed_methods(request.app, request.url.path))
-    return error(exc.status_code, str(exc.detail), headers)
-
-
-def allowed_methods(app, path):
-    """Every method some route of `app` answers at `path`, sorted: the 405's Allow header."""
-    return sorted({method for route in app.routes if getattr(route, "methods", None) and route.path_regex.match(path)
-                   for method in route.methods})
-
-
-async def unexpected_error(request, exc):
-    """A genuine bug: the caller learns nothing about the internals; Starlette re-raises the
-    exception after this response, so uvicorn logs the traceback on the server."""
-    return error(500, "internal server error; the details are in the server's log.")
-
-
-# What a refused body may still cost us: read and thrown away, so that the client sees the 413 (below).
-DRAIN_MAX_BYTES = 64 * 1024 * 1024  # 32 bodies of the default limit; beyond it, answer at once
-DRAIN_MAX_SECONDS = 5.0  # nginx's lingering_timeout; a client this slow sees the connection close
-
-
-class BodyLimit:
-    """Refuse request bodies over `max_bytes` with 413 (by Content-Length, or by counting a chunked body)."""
-
-    def __init__(self, app, max_bytes):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            if headers.get(b"expect", b"").lower() != b"100-continue" and int(declared) <= DRAIN_MAX_BYTES:
-                await discard_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS)
-            return await self.too_large(scope, receive, send)
-        # Read the body here (FastAPI would buffer it anyway), counting, then replay it downstream.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                if more:
-                    await discard_body(receive, DRAIN_MAX_BYTES - size, DRAIN_MAX_SECONDS)
-                return await self.too_large(scope, receive, send)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # waits for http.disconnect, as Starlette expects
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def too_large(self, scope, receive, send):
-        message = f"request body is larger than the limit of {self.max_bytes} bytes; send fewer or shorter texts."
-        await error(413, message, headers={"connection": "close"})(scope, receive, send)
-
-
-async def discard_body(receive, max_bytes, max_seconds):
-    """Read the rest of a refused body and drop it: at most `max_bytes`, for at most `max_seconds`.
-
-    Why: urllib and requests send the whole body before they read the answer. Closing the socket
-    with their bytes unread makes the kernel send a reset, and they see "connection reset by peer"
-    instead of our 413. (curl sends `Expect: 100-continue` and waits: it is answered at once, unread.)
-    """
-    try:
-        async with asyncio.timeout(max_seconds):
-            while max_bytes >= 0:
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return  # the client went away, or the body is read to its end
-                max_bytes -= len(message.get("body", b""))
-    except TimeoutError:
-        pass
 
 
 # -----------------------------------------------------------------------------
@@ -653,12 +324,6 @@ async def load_in_background(app, state, loaders):
         await asyncio.to_thread(state.explaining.close)
     if state.error is not None and state.exit_on_failure:
         exit_now(EXIT_LOAD_FAILED)
-
-
-def stop_server():
-    """Shut uvicorn down as an orchestrator does, with SIGTERM: the app has no handle on the server
-    under uvicorn's own CLI. uvicorn closes its port, answers what is open, then ends the lifespan."""
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def exit_now(code):

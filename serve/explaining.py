@@ -1,11 +1,11 @@
-"""POST /explain's engine: explain.py's Integrated Gradients, kept from slowing down /predict.
+"""POST /explain's engine: training/explain.py's Integrated Gradients, kept from slowing down /predict.
 
     explaining = load_explaining("fine-tuned-bert", cfg, device="cpu")   # its own fp32 copy, warmed up
     explanation, seconds = explaining.submit("A wonderful film.", "right").result()   # or Busy: retry later
     explaining.close()                                                   # at shutdown
 
 An explanation costs what n_steps forward and backward passes per class cost (32 for two classes at
-the default 32 steps: explain.py computes one class fewer): seconds on a CPU, where a prediction takes milliseconds (docs/serving.md has
+the default 32 steps: training/explain.py computes one class fewer): seconds on a CPU, where a prediction takes milliseconds (docs/serving.md has
 the numbers). Three rules keep it from starving the predictions:
 
 - **Its own copy of the model, in float32.** Captum hooks the embedding layer of the model it
@@ -32,7 +32,7 @@ from concurrent.futures import Future
 
 import torch
 
-from explain import Explainer
+from training.explain import Explainer
 from model_utils import load_for_inference
 
 log = logging.getLogger("explain")
@@ -74,7 +74,7 @@ def load_explaining(model_dir, cfg, device):
 
 
 class Explaining:
-    """An Explainer (from explain.py) run by one thread of its own, with a cap on admitted explanations."""
+    """An Explainer (from training/explain.py) run by one thread of its own, with a cap on admitted explanations."""
 
     def __init__(self, explainer, max_concurrent, n_steps, chunk_tokens=CHUNK_TOKENS):
         self.explainer = explainer
@@ -188,7 +188,7 @@ class Explaining:
 
 
 def to_answer(explanation, seconds):
-    """POST /explain's body (serve/app.py's ExplainResponse) from an explain.Explanation."""
+    """POST /explain's body (serve/http_types.py's ExplainResponse) from an explain.Explanation."""
     scores = explanation.scores
     return {
         "prediction": {"label": explanation.label, "score": scores[explanation.label], "scores": scores},

@@ -15,7 +15,7 @@ import json
 import sys
 from collections import deque
 
-from errors import UsageError, exit_on_usage_error
+from training.errors import UsageError, exit_on_usage_error
 from model_utils import check_model_dir
 from serve.batching import InputError, Limits, check_text
 from serve.classifier import Classifier, softmax, to_prediction

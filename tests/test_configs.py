@@ -44,7 +44,7 @@ def test_accelerate_loads_each_config_as_documented(name):
     if name.startswith("deepspeed_"):
         ds = config.deepspeed_config
         # Clipping and accumulation come from --max_grad_norm and --gradient_accumulation_steps (one source
-        # of truth: train_loop.configure_deepspeed), so the shipped files set neither.
+        # of truth: training.engines.configure_deepspeed), so the shipped files set neither.
         assert ds["zero_stage"] == int(name[14])
         assert "gradient_clipping" not in ds and "gradient_accumulation_steps" not in ds
         assert ds.get("zero3_save_16bit_model", False) == (name == "deepspeed_zero3_bf16.yaml")

@@ -1,4 +1,4 @@
-"""cpu_speed.py: the fast dropout draws the right masks, applies them right, changes nothing in
+"""training/cpu_speed.py: the fast dropout draws the right masks, applies them right, changes nothing in
 evaluation, and train_loop.py switches it with --fast_dropout."""
 
 import platform
@@ -10,7 +10,7 @@ import torch
 from transformers import BertForSequenceClassification
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import cpu_speed
+from training import cpu_speed
 import train_loop
 from conftest import read_records, reset_accelerate, train_args
 from models import ROOT, tiny_bert_config
@@ -146,7 +146,7 @@ def test_banner_names_each_cpu_speed_up_with_the_flag_that_turns_it_off(tiny_ber
 
 def test_importing_switches_nothing_on():
     """Attention functions are registered with transformers when a speed-up is switched on, not at import."""
-    code = ("import cpu_speed, train_loop, inspect_model, serve.app, serve.packed; "
+    code = ("import training.cpu_speed, train_loop, inspect_model, serve.app, serve.packed; "
             "from transformers import AttentionInterface, AttentionMaskInterface; "
             "print(sorted({'sdpa_fast_dropout', 'packed_sdpa'} & "
             "(set(AttentionInterface()) | set(AttentionMaskInterface()))), 'sdpa' in AttentionInterface())")

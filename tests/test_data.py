@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 import data
 import train_loop
 from conftest import make_reviews, train_args, usage_error
-from errors import UsageError, require_local_or_reachable
+from training.errors import UsageError, require_local_or_reachable
 from models import IMDB
 
 

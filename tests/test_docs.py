@@ -104,5 +104,14 @@ def test_the_checker_sees_references():
     assert not module_exists("serving") and not (ROOT / "app.py").exists()  # the old names are gone
 
 
+def test_readme_quotes_the_real_step():
+    """The README's step (train_one_epoch's `with accelerator.accumulate` block) is train_loop.py's, verbatim."""
+    readme, code = (ROOT / "README.md").read_text(), (ROOT / "train_loop.py").read_text()
+    quoted = re.search(r"```python\n(with accelerator\.accumulate\(model\):\n.*?)```", readme, re.DOTALL)
+    assert quoted, "README.md quotes no `with accelerator.accumulate(model):` block"
+    indented = "".join(" " * 8 + line if line.strip() else line for line in quoted.group(1).splitlines(keepends=True))
+    assert indented in code, "README.md's step differs from train_one_epoch's: quote it again"
+
+
 def test_readme_is_a_tutorial_size():
     assert len((ROOT / "README.md").read_bytes()) <= 20_000

@@ -1,4 +1,4 @@
-"""explain.py: Integrated Gradients attributions and attention maps, checked by their properties.
+"""training/explain.py: Integrated Gradients attributions and attention maps, checked by their properties.
 
 Completeness (the scores add up to f(input) - f(baseline)), a model trained here to key on one
 word giving that word the largest score, determinism, batching that changes nothing, word merging,
@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import inspect_model
 from conftest import usage_error
-from explain import N_STEPS, Explainer
+from training.explain import N_STEPS, Explainer
 from models import LABELS, MINILM, NEUTRAL, save_minilm_classifier, save_tiny_bert
 
 REVIEW = "The acting was superb, though the plot felt unwatchable at times. I loved the ending!"

@@ -18,6 +18,8 @@ from accelerate.utils import OPTIMIZER_NAME, SCHEDULER_NAME
 from safetensors.torch import load_file
 
 import train_loop
+from training import checkpoints
+from training.errors import RunFailed
 from conftest import assert_same_weights, free_port, read_records, reset_accelerate, train_args, without_timings
 from models import ROOT
 
@@ -153,7 +155,7 @@ def test_a_nan_step_is_skipped_and_training_recovers(optim, tiny_bert, csv_data,
 def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_bert, csv_data, tmp_path, capsys):
     flags = ("--max_steps", "12", "--logging_steps", "4", "--learning_rate", "1e-3", "--max_nonfinite_steps", "3",
              "--save_strategy", "steps", "--save_steps", "2", *QUICK)
-    with pytest.raises(train_loop.RunFailed) as failed:
+    with pytest.raises(RunFailed) as failed:
         train_loop.run_training(train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path, *flags)),
                                 step_hooks=[PoisonSteps(after=2, count=100)])
     message = str(failed.value)
@@ -182,7 +184,7 @@ def lose_optimizer(checkpoint):
 
 
 def edit_manifest(checkpoint):
-    manifest = checkpoint / train_loop.MANIFEST
+    manifest = checkpoint / checkpoints.MANIFEST
     manifest.write_text(manifest.read_text().replace('"files"', '"fails"'))
     return "its checkpoint_manifest.json is not a manifest train_loop.py wrote"
 
@@ -218,7 +220,7 @@ def test_latest_skips_a_damaged_checkpoint_and_resumes_the_one_before(damage, tw
     out = capsys.readouterr().out
     assert f"note: --resume_from_checkpoint latest skips {tmp_path / 'results' / 'checkpoint-6'}, which is damaged: {said}" in out
     assert_same_weights(tmp_path, straight)  # resumed at step 4, trained steps 5 and 6 again: the same weights
-    assert train_loop.checkpoint_damage(str(tmp_path / "results" / "checkpoint-6")) is None  # saved afresh
+    assert checkpoints.checkpoint_damage(str(tmp_path / "results" / "checkpoint-6")) is None  # saved afresh
 
 
 @pytest.mark.parametrize("damage", [truncate_weights, flip_a_byte])
@@ -235,9 +237,9 @@ def test_a_named_damaged_checkpoint_is_refused(damage, two_checkpoints, tiny_ber
 def test_a_checkpoints_manifest_lists_every_file_with_its_size_and_sha256(two_checkpoints):
     straight, _ = two_checkpoints
     checkpoint = straight / "results" / "checkpoint-6"
-    files = json.loads((checkpoint / train_loop.MANIFEST).read_text())["files"]
+    files = json.loads((checkpoint / checkpoints.MANIFEST).read_text())["files"]
     on_disk = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
-    assert sorted([*files, train_loop.MANIFEST]) == on_disk
+    assert sorted([*files, checkpoints.MANIFEST]) == on_disk
     assert {"model.safetensors", f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin", "training_state.json",
             "config.json"} <= set(files)
     for name, want in files.items():

@@ -14,12 +14,13 @@ import types
 
 import pytest
 import torch
-from accelerate.utils import SCALER_NAME
+from accelerate.utils import SCALER_NAME, DistributedType
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
 import model_utils
 import train_loop
+from training import checkpoints, engines, faults
 from bench import gpu_check
 from conftest import read_records, reset_accelerate, train_args, usage_error
 
@@ -165,8 +166,8 @@ def test_tf32_and_fp16_are_refused_where_there_are_none(tiny_bert, csv_data, tmp
 def test_cuda_loaders_pin_memory_and_the_resume_rebuild_keeps_non_blocking(tiny_bert, csv_data, tmp_path):
     cfg = train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path))
     off = train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path, "--dataloader_pin_memory", "false"))
-    assert train_loop.pins_memory(cfg, torch.device("cuda")) and not train_loop.pins_memory(cfg, torch.device("cpu"))
-    assert not train_loop.pins_memory(off, torch.device("cuda"))
+    assert engines.pins_memory(cfg, torch.device("cuda")) and not engines.pins_memory(cfg, torch.device("cpu"))
+    assert not engines.pins_memory(off, torch.device("cuda"))
     setup = train_loop.build(cfg)
     # The loader a CUDA run builds (pinning itself needs a GPU, the settings do not), prepared as training does.
     train_dl, _ = train_loop.data.build_dataloaders(setup.train_ds, None, setup.train_dl.collate_fn, 8, 8, cfg.seed,
@@ -174,10 +175,10 @@ def test_cuda_loaders_pin_memory_and_the_resume_rebuild_keeps_non_blocking(tiny_
     prepared = setup.accelerator.prepare(train_dl)
     assert prepared.pin_memory and prepared._non_blocking
     run = types.SimpleNamespace(train_dl=prepared, cfg=cfg, accelerator=setup.accelerator, steps_per_epoch=len(prepared),
-                                progress=train_loop.Progress(global_step=0))
-    assert train_loop.epoch_batches(run, 0) is prepared  # nothing to skip: the prepared loader itself
+                                progress=checkpoints.Progress(global_step=0))
+    assert checkpoints.epoch_batches(run, 0) is prepared  # nothing to skip: the prepared loader itself
     run.progress.global_step = 3  # resumed mid-epoch: the first three batches are skipped by a rebuilt loader
-    rebuilt = train_loop.epoch_batches(run, 0)
+    rebuilt = checkpoints.epoch_batches(run, 0)
     assert rebuilt is not prepared and len(list(rebuilt)) == len(prepared) - 3
     assert rebuilt.pin_memory and rebuilt._non_blocking
 
@@ -205,13 +206,13 @@ def test_a_device_without_fused_adamw_gets_the_plain_one_said_and_skipped_on_the
     a NaN step is skipped by not stepping ("host"), since the plain AdamW ignores the found_inf flag."""
     cfg = train_loop.parse_config(train_args(tiny_bert, csv_data, tmp_path, *QUICK))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    assert train_loop.has_fused_adamw("cpu") and train_loop.has_fused_adamw("mps")  # this torch has both
+    assert engines.has_fused_adamw("cpu") and engines.has_fused_adamw("mps")  # this torch has both
     monkeypatch.setattr("torch.utils._foreach_utils._get_fused_kernels_supported_devices", lambda: ["cuda"])
     plain = train_loop.build_optimizer(model, cfg, "cpu")
     assert not plain.defaults["fused"]
-    assert train_loop.optimizer_line(plain, cfg) == "AdamW, torch's per-tensor loop: this torch has no fused AdamW for this device"
-    accelerator = types.SimpleNamespace(device=torch.device("cpu"), scaler=None, distributed_type=train_loop.DistributedType.NO)
-    assert train_loop.nonfinite_skip(cfg, accelerator) == "host"
+    assert engines.optimizer_line(plain, cfg) == "AdamW, torch's per-tensor loop: this torch has no fused AdamW for this device"
+    accelerator = types.SimpleNamespace(device=torch.device("cpu"), scaler=None, distributed_type=DistributedType.NO)
+    assert faults.nonfinite_skip(cfg, accelerator) == "host"
     monkeypatch.undo()
     assert train_loop.build_optimizer(model, cfg, "cpu").defaults["fused"]
-    assert train_loop.nonfinite_skip(cfg, accelerator) == "device"
+    assert faults.nonfinite_skip(cfg, accelerator) == "device"

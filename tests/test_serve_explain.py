@@ -23,8 +23,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import answers_health, free_port
-from errors import UsageError
-from explain import N_STEPS, Explainer
+from training.errors import UsageError
+from training.explain import N_STEPS, Explainer
 from model_utils import load_for_inference
 from models import IMDB_TEST, ROOT
 from serve.app import EXPLAIN_OFF, STOPPED_BY_SHUTDOWN, ServeConfig, create_app, parse_config, validate_config

@@ -31,7 +31,8 @@ import requests
 from bench.serve_speed import load_test
 from conftest import answers_health, free_port, server_process
 from models import ROOT, save_served_tiny_bert
-from serve.app import DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS, EXIT_LOAD_FAILED
+from serve.body_limit import DRAIN_MAX_BYTES, DRAIN_MAX_SECONDS
+from serve.model_state import EXIT_LOAD_FAILED
 
 TOO_LARGE = {"error": "request body is larger than the limit of 2097152 bytes; send fewer or shorter texts.",
              "error_type": "Validation"}

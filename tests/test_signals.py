@@ -11,6 +11,7 @@ import time
 import pytest
 
 import train_loop
+from training import checkpoints, faults
 from conftest import assert_same_weights, free_port, read_records, reset_accelerate, train_args, without_timings
 from models import ROOT
 
@@ -126,7 +127,7 @@ def test_the_launcher_passes_sigusr1_on_when_told_to(tiny_bert, csv_data, tmp_pa
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    request = train_loop.StopRequest(type("Single", (), {"num_processes": 1})())
+    request = faults.StopRequest(type("Single", (), {"num_processes": 1})())
     request.handle(signal.SIGINT, None)
     assert request.agreed() == "SIGINT"  # the first: stop at the next step boundary
     with pytest.raises(KeyboardInterrupt):
@@ -141,7 +142,8 @@ def test_a_signal_during_evaluation_or_right_after_a_save_stops_there_and_resume
     flags = ("--num_train_epochs", "3", "--logging_steps", "1", "--plots", "false", "--eval_strategy", "epoch",
              "--save_strategy", "steps", "--save_steps", "3")  # an epoch is 8 steps: evaluations at 8, 16, 24
     out = tmp_path / "stopped"
-    real = {"evaluation": train_loop.evaluate, "save": train_loop.save_checkpoint}[moment]
+    module, name = {"evaluation": (train_loop, "evaluate"), "save": (checkpoints, "save_checkpoint")}[moment]
+    real = getattr(module, name)
     sent = []
 
     def signalled(*args, **kwargs):
@@ -154,7 +156,7 @@ def test_a_signal_during_evaluation_or_right_after_a_save_stops_there_and_resume
             sent.append(True)
         return result
 
-    monkeypatch.setattr(train_loop, {"evaluation": "evaluate", "save": "save_checkpoint"}[moment], signalled)
+    monkeypatch.setattr(module, name, signalled)
     with pytest.raises(SystemExit) as stopped:
         train_loop.main(train_args(tiny_bert, csv_data, out, *flags))
     assert stopped.value.code == 128 + sig.value

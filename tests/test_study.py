@@ -16,7 +16,7 @@ from accelerate import Accelerator
 import inspect_model
 import model_utils
 import plots
-import study
+from training import study
 import train_loop
 from conftest import make_reviews, reset_accelerate, train_args
 from models import MINILM, ROOT

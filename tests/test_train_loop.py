@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, get_scheduler, pipe
 
 import model_utils
 import train_loop
+from training import checkpoints, runlog
 from conftest import (assert_same_weights, crash_then_resume, make_reviews, read_records, reset_accelerate,
                       train_args, usage_error, without_timings)
 from models import save_tiny_bert
@@ -85,8 +86,8 @@ def test_seed_run_logs_the_seeds_rate_and_epoch_at_step_500():
     for _ in range(499):  # steps 1..499 each advance the schedule once; step 500 uses the rate after that
         optimizer.step()
         scheduler.step()
-    progress = train_loop.Progress(global_step=500, window_loss=213.85, window_steps=500)
-    record = train_loop.log_record(progress, grad_norm=4.4931, learning_rate=optimizer.param_groups[0]["lr"],
+    progress = checkpoints.Progress(global_step=500, window_loss=213.85, window_steps=500)
+    record = runlog.log_record(progress, grad_norm=4.4931, learning_rate=optimizer.param_groups[0]["lr"],
                                    steps_per_epoch=per_epoch)
     assert str(record) == "{'loss': 0.4277, 'grad_norm': 4.493, 'learning_rate': 4.734e-05, 'epoch': 0.16}"
 
@@ -248,7 +249,7 @@ def test_checkpoints_are_atomic_and_limited(tiny_bert, csv_data, tmp_path):
         assert json.load(f)["save_steps"] == 3
     # A save interrupted half-way leaves only a tmp- folder, which `latest` never picks.
     shutil.copytree(ckpt, out / "tmp-checkpoint-99")
-    assert train_loop.resolve_checkpoint("latest", str(out)) == str(ckpt)
+    assert checkpoints.resolve_checkpoint("latest", str(out)) == str(ckpt)
 
 
 def test_resume_with_a_different_batch_size_is_refused(tiny_bert, csv_data, tmp_path, capsys):
@@ -307,7 +308,7 @@ def test_checkpoints_are_model_folders_and_old_ones_still_resume(tiny_bert, csv_
     shutil.copytree(tmp_path / "results", old / "results")
     old_ckpt = old / "results" / "checkpoint-3"
     (old_ckpt / "train_config.json").replace(old_ckpt / "config.json")  # the layout before this change
-    (old_ckpt / train_loop.MANIFEST).unlink()  # which had no manifest either
+    (old_ckpt / checkpoints.MANIFEST).unlink()  # which had no manifest either
     for name in os.listdir(old_ckpt):
         if name.startswith(("tokenizer", "vocab", "special_tokens")):
             os.remove(old_ckpt / name)

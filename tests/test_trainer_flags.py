@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import train_loop
+from training import checkpoints, config
 from conftest import read_records, reset_accelerate, train_args, usage_error
 
 QUICK = ("--save_strategy", "no", "--plots", "false")
@@ -51,7 +52,7 @@ def test_a_mistyped_flag_names_the_closest_one(capsys):
 
 
 def test_every_flag_has_help_and_no_flags_do_not_repeat_it(capsys):
-    parser = train_loop.build_parser()
+    parser = config.build_parser()
     helpless = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert helpless == []
     no_flag = next(a for a in parser._actions if "--no_group_by_length" in a.option_strings)
@@ -212,7 +213,7 @@ def test_data_seed_changes_the_order_only(tiny_bert, csv_data, tmp_path):
 ])
 def test_save_total_limit_counts_the_best_checkpoint_as_trainer_does(limit, best, kept, tmp_path):
     from transformers.trainer_utils import rotate_checkpoints  # Trainer's own rule, as the oracle
-    for rotate, folder in ((train_loop.delete_old_checkpoints, tmp_path / "ours"), (rotate_checkpoints, tmp_path / "trainer")):
+    for rotate, folder in ((checkpoints.delete_old_checkpoints, tmp_path / "ours"), (rotate_checkpoints, tmp_path / "trainer")):
         for step in (2, 4, 6, 8):
             (folder / f"checkpoint-{step}").mkdir(parents=True)
         rotate(str(folder), limit, best and str(folder / f"checkpoint-{best}"))

@@ -18,7 +18,7 @@ import data
 import model_utils
 import train_loop  # noqa: F401 (the loop under test, through our_run)
 from conftest import read_records, reset_accelerate, train_args
-from metrics import ClassificationMetrics
+from training.metrics import ClassificationMetrics
 from models import save_tiny_bert
 
 SETTINGS = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, num_train_epochs=2, learning_rate=1e-3,

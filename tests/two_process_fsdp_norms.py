@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForSequenceClassification
 
-import study
+from training import study
 
 out, model_dir = sys.argv[1], sys.argv[2]
 accelerator = Accelerator(cpu=True)

@@ -39,6 +39,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from training.engines import compile_backend
+
 ATTENTION_NAME = "sdpa_fast_dropout"
 
 
@@ -157,3 +159,22 @@ def reuse_freed_memory():
     no_mmap = libc.mallopt(m_mmap_max, 0)  # never mmap a block: no zero-filled fresh pages per tensor
     keep = libc.mallopt(m_trim_threshold, 2**31 - 1)  # give memory back to the OS only above 2 GB free
     return bool(no_mmap and keep)
+
+
+def speed_up_training(cfg, model, accelerator):
+    """The two CPU-only speed-ups above, for a model about to train on a CPU (a GPU needs neither),
+    each as its flag says. Returns what is in effect, for the banner: nothing non-stock happens
+    without the run saying so."""
+    speedups = []
+    if cfg.fast_dropout and compile_backend(cfg):  # numpy inside forward() would split dynamo's graph
+        accelerator.print("--fast_dropout is off under torch.compile: torch's own dropout is used.")
+    elif cfg.fast_dropout:
+        use_fast_dropout(model)
+        in_attention = model.config._attn_implementation == ATTENTION_NAME
+        where = "dropout layers and attention" if in_attention else "dropout layers"
+        speedups.append(f"dropout masks from numpy's PCG64 in {where} (cpu_speed.py; off: --fast_dropout false)")
+    if cfg.reuse_cpu_memory and reuse_freed_memory():
+        speedups.append("glibc keeps freed memory for reuse, process-wide (cpu_speed.py; off: --reuse_cpu_memory false)")
+    elif cfg.reuse_cpu_memory:
+        accelerator.print("--reuse_cpu_memory needs glibc's malloc (Linux); this C library keeps its own policy.")
+    return speedups

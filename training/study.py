@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from training.runlog import JsonLines
+
 
 # -----------------------------------------------------------------------------
 # forward: one row per module output
@@ -212,12 +214,19 @@ def ratio(update, weight):
 
 class LayerLog:
     """layer_stats.jsonl in output_dir plus two TensorBoard chart groups, layer_grad_norm/* and
-    layer_update_ratio/*, one point per layer per logging step. `jsonl` is train_loop's JsonLines
-    for layer_stats.jsonl (the same file handling as log_history.jsonl: main process, resumable)."""
+    layer_update_ratio/*, one point per layer per logging step. `jsonl` is a runlog.JsonLines
+    for layer_stats.jsonl (the same file handling as log_history.jsonl: main process, resumable);
+    `every`: the logging steps, whose steps are measured."""
 
-    def __init__(self, accelerator, jsonl):
+    def __init__(self, accelerator, jsonl, every=1):
         self.accelerator = accelerator
         self.jsonl = jsonl
+        self.every = every
+
+    def due(self, step):
+        """Whether optimizer step `step` is measured. Every process measures (with FSDP's sharded
+        parameters each holds a part of every norm); the main process writes."""
+        return step % self.every == 0
 
     def write(self, watch, step):
         watch.measure_update()
@@ -366,3 +375,20 @@ def profile_summary(prof, trace_path, top=12):
     lines.append(f"trace: {trace_path}\n  open it in https://ui.perfetto.dev or chrome://tracing, or with "
                  "TensorBoard's profiler plugin (torch-tb-profiler) pointed at its folder")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# from the training flags
+
+
+def tools(cfg, accelerator, model, resumed_step=None):
+    """(LayerLog or None, StepProfiler or None) for --log_layer_grad_norms and --profile_steps: with
+    the flags off nothing is created and nothing runs."""
+    layer_log = profiler = None
+    if cfg.log_layer_grad_norms:
+        jsonl = JsonLines(accelerator, os.path.join(cfg.output_dir, "layer_stats.jsonl"), resumed_step)
+        layer_log = LayerLog(accelerator, jsonl, every=cfg.logging_steps)
+    if cfg.profile_steps:
+        profiler = StepProfiler(model, cfg.profile_steps, os.path.join(cfg.logging_dir, "profile"),
+                                os.path.join(cfg.output_dir, "profile_summary.txt"), accelerator)
+    return layer_log, profiler

@@ -20,6 +20,12 @@ class RunFailed(Exception):
     and what was kept. Exit code 1."""
 
 
+def require(condition, message):
+    """The checks of flags, data and paths read as what must hold: require(x >= 1, "--x must be ...")."""
+    if not condition:
+        raise UsageError(message)
+
+
 @contextmanager
 def exit_on_usage_error():
     """Turn a UsageError into `error: <message>` on stderr and exit code 2; a RunFailed the same way,

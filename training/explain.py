@@ -1,6 +1,6 @@
 """Why the model decided: which words moved the prediction, and where its attention went.
 
-    from explain import Explainer
+    from training.explain import Explainer
     explainer = Explainer(model, tokenizer)                  # a trained classifier, its tokenizer
     e = explainer.explain("A wonderful, moving film.")
     e.label, e.words, e.attributions["pos"], e.deltas     # the words with their share of P(pos)
