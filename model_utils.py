@@ -88,8 +88,9 @@ def optimizer_param_groups(model, weight_decay):
 # saving and loading for serving
 
 
-def save_for_serving(accelerator, model, tokenizer, out_dir):
-    """Write the bare model (no DDP/compile wrappers) as safetensors + its tokenizer.
+def save_for_serving(accelerator, model, tokenizer, out_dir, card=None):
+    """Write the bare model (no DDP/compile wrappers) as safetensors + its tokenizer, and `card` (a
+    huggingface_hub ModelCard, training/model_card.py) as README.md when given.
 
     Every process must call this: `get_state_dict` gathers sharded weights collectively;
     only the main process writes. The weights keep the model's own names: torch.compile's wrapper
@@ -106,6 +107,8 @@ def save_for_serving(accelerator, model, tokenizer, out_dir):
         try:
             write_weights(accelerator, model, state_dict, partial)
             tokenizer.save_pretrained(partial)
+            if card is not None:
+                card.save(os.path.join(partial, "README.md"))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise

@@ -45,7 +45,7 @@ from transformers import get_scheduler
 import data
 import model_utils
 import plots
-from training import checkpoints, cpu_speed, engines, faults, metrics, runlog, study
+from training import checkpoints, cpu_speed, engines, faults, metrics, model_card, runlog, study
 from training.checkpoints import Progress
 from training.config import TrainConfig, data_seed, parse_config, scheduler_kwargs
 from training.errors import exit_on_usage_error, require
@@ -320,7 +320,8 @@ def checkpoint(run):
     run.last_saved_step = run.progress.global_step
     if run.last_eval and run.last_eval["step"] == run.progress.global_step and run.last_eval["new_best"]:
         run.progress.best_checkpoint = checkpoints.checkpoint_path(run.cfg, run.progress.global_step)
-    checkpoints.save_checkpoint(run.accelerator, run.cfg, run.progress, run.model, run.tokenizer)
+    checkpoints.save_checkpoint(run.accelerator, run.cfg, run.progress, run.model, run.tokenizer,
+                                model_card.for_run(run, step=run.progress.global_step))  # README.md
 
 
 def stop_if_asked(run):
@@ -393,7 +394,7 @@ def finish(run, summary):
         written = plots.plot_run(cfg.output_dir, model_utils.label_names(accelerator.unwrap_model(run.model)))
         accelerator.print(f"wrote {', '.join(written)}")
     faults.require_finite_weights(accelerator, cfg, run.model)  # never publish a NaN model
-    checkpoints.save_for_serving(accelerator, cfg, run.model, run.tokenizer)
+    checkpoints.save_for_serving(accelerator, cfg, run.model, run.tokenizer, model_card.for_run(run))  # + README.md
     accelerator.end_training()
     return final
 

@@ -6,6 +6,8 @@
     checkpoints.py  save, manifest, verify, resolve `latest`, rotation, resume, the best model
     faults.py       stop signals and their agreement, the NaN/inf guard, writable and shared folders
     runlog.py       log records (console, JSON lines, trackers), the log line, the banner
+    model_card.py   README.md of the served model and each checkpoint, for the Hub
+    hardware.py     whether the CPU multiplies bf16 in hardware
     metrics.py      accuracy, F1, precision, recall as an offline `evaluate` metric
     errors.py       one-paragraph errors and their exit codes, the offline check
     cpu_speed.py    two CPU-only training speed-ups

@@ -141,10 +141,10 @@ def say(message):
 # saving
 
 
-def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
+def save_checkpoint(accelerator, cfg, progress, model, tokenizer, card=None):
     """Model, optimizer, scheduler, RNG and scaler via `save_state`; progress and our settings as
-    JSON; and the model's config and tokenizer, so that `from_pretrained` and `pipeline()` read the
-    checkpoint as a model folder, as they read Trainer's.
+    JSON; and the model's config, tokenizer and card (README.md, training/model_card.py), so that
+    `from_pretrained`, `pipeline()` and the Hub read the checkpoint as a model folder, as Trainer's.
 
     Written to tmp-checkpoint-N, completed by a manifest of each file's size and sha256, and renamed
     once complete: a crash mid-save leaves no folder that `--resume_from_checkpoint latest` could
@@ -157,7 +157,7 @@ def save_checkpoint(accelerator, cfg, progress, model, tokenizer):
     accelerator.wait_for_everyone()
     # Each process writes its part, then all learn whether any failed: a process whose own part
     # was written must not wait forever for one that gave up (a full disk seen by one rank only).
-    error = attempt(write_checkpoint, accelerator, cfg, progress, model, tokenizer, tmp)
+    error = attempt(write_checkpoint, accelerator, cfg, progress, model, tokenizer, tmp, card)
     if not failed_anywhere(accelerator, error) and accelerator.is_main_process:
         error = attempt(write_manifest, tmp)  # every process's part is on disk: the manifest lists them
     if failed_anywhere(accelerator, error):
@@ -195,7 +195,7 @@ def failed_anywhere(accelerator, error):
     return bool(accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum"))
 
 
-def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp):
+def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp, card=None):
     if cfg.save_only_model:  # weights, config and tokenizer only: a model folder that cannot be resumed
         model_utils.save_for_serving(accelerator, model, tokenizer, tmp)
     else:
@@ -212,6 +212,8 @@ def write_checkpoint(accelerator, cfg, progress, model, tokenizer, tmp):
                                                      "engine": checkpoint_format(accelerator)})
         accelerator.unwrap_model(model, keep_torch_compile=False).config.save_pretrained(tmp)  # config.json
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            card.save(os.path.join(tmp, "README.md"))
 
 
 def checkpoint_path(cfg, step):
@@ -374,11 +376,11 @@ def load_best_model(accelerator, cfg, progress, model):
 # the model for serving
 
 
-def save_for_serving(accelerator, cfg, model, tokenizer):
-    """model_utils.save_for_serving into --final_model_dir; a full disk, a quota or a lost mount ends
-    the run with what was kept and how to go on."""
+def save_for_serving(accelerator, cfg, model, tokenizer, card=None):
+    """model_utils.save_for_serving into --final_model_dir, with the model card; a full disk, a quota
+    or a lost mount ends the run with what was kept and how to go on."""
     try:
-        model_utils.save_for_serving(accelerator, model, tokenizer, cfg.final_model_dir)
+        model_utils.save_for_serving(accelerator, model, tokenizer, cfg.final_model_dir, card)
     except (OSError, RuntimeError, SafetensorError) as err:
         kept = list_checkpoints(cfg.output_dir)
         raise RunFailed(f"could not save the fine-tuned model to {cfg.final_model_dir}: {model_utils.first_line(err)}. "
