@@ -67,6 +67,7 @@ from serve.http_types import (EXPLAIN_WHEN, PREDICT_ANSWERS, ExplainResponse, He
                               explain_request, http_error, our_task, predict_request, unexpected_error, validation_error)
 from serve.metrics import Metrics, RequestLog
 from serve.model_state import EXIT_LOAD_FAILED, ModelState
+from training import hardware
 from training.errors import UsageError, exit_on_usage_error
 from training.explain import N_STEPS
 
@@ -434,6 +435,7 @@ def add_info(app, cfg, state):
             "device": cfg.device,
             "device_name": classifier.device_name if classifier else None,
             "dtype": classifier.dtype if classifier else None,  # the weights' number format, as loaded
+            "cpu_bf16": hardware.cpu_bf16_instructions(),  # bf16 multiply instructions (AMX-BF16, ...) or None
             "packed": classifier.packed if classifier else None,  # batches run without padding (serve/packed.py)
             "limits": {f.name: getattr(cfg, f.name) for f in fields(Limits)} | {"max_body_bytes": cfg.max_body_bytes},
             "batches_run": classifier.worker.batches if classifier else 0,

@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+from training import hardware
+
 log = logging.getLogger("app")  # the app's logger: its lines read "app: ..." wherever they come from
 EXIT_LOAD_FAILED = 1  # errors.RunFailed's code: the run cannot go on
 
@@ -34,6 +36,9 @@ class ModelState:
             copy = " (and its float32 copy for /explain)" if self.explaining is not None else ""
             log.info("model %s%s loaded and warmed up in %.1f s: ready", self.cfg.model_dir, copy,
                      time.perf_counter() - started)
+            note = hardware.serving_note(classifier.dtype) if classifier.device_type == "cpu" else None
+            if note:
+                log.warning("%s", note)
         except Exception as err:  # a broken folder (truncated weights, say): one paragraph, no traceback
             self.error = str(err).rstrip(".") or type(err).__name__
             log.error("%s", self.failure_message())

@@ -13,7 +13,7 @@ from datetime import datetime
 from tqdm.auto import tqdm
 
 import model_utils
-from training import engines
+from training import engines, hardware
 from training.checkpoints import saved_train_config, write_json
 
 
@@ -169,6 +169,8 @@ def print_banner(run, num_train_rows):
     ]
     if acc.device.type == "cuda":
         lines.append(f"  GPU {model_utils.device_name(acc.device)} | fp32 matmuls {engines.fp32_matmul_line()}")
+    if acc.device.type == "cpu":
+        lines.append(f"  CPU {hardware.training_line(acc.mixed_precision)}")
     lines += [f"  not stock: {speedup}" for speedup in run.speedups] or ["  not stock: nothing"]
     if run.progress.global_step:
         lines.append(f"  resuming at step {run.progress.global_step:,}")
