@@ -16,6 +16,7 @@ import httpx
 import pandas as pd
 import pytest
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from models import MINILM, NEGATIVE, NEUTRAL, POSITIVE, ROOT, save_minilm_classifier, save_served_tiny_bert, save_tiny_bert
 
@@ -189,3 +190,13 @@ def assert_same_weights(out_a, out_b):
     a, b = load_file(f"{out_a}/model/model.safetensors"), load_file(f"{out_b}/model/model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def pydantic_says(type_, value):
+    """The installed pydantic's own message for `value` as `type_`: what the app passes on after the
+    location it names (serve/app.py's describe_validation_errors), so that the location is ours to check."""
+    try:
+        TypeAdapter(type_).validate_python(value)
+    except ValidationError as err:
+        return err.errors()[0]["msg"]
+    raise AssertionError(f"pydantic accepts {value!r} as {type_}")

@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from pydantic import StrictStr, TypeAdapter, ValidationError
+from pydantic import StrictStr
 from transformers import (BertForSequenceClassification, DistilBertConfig,
                           DistilBertForSequenceClassification, pipeline)
 
 import serve.app as app_module
 import serve.predict as predict_module
-from conftest import free_port, server_process, usage_error
+from conftest import free_port, pydantic_says, server_process, usage_error
 import model_utils
 from model_utils import classify, count_parameters, load_for_inference
 from models import IMDB_TEST, ROOT, tiny_bert_config
@@ -246,16 +246,6 @@ def test_predictions_equal_pipeline(minilm_dir):
 
 # -----------------------------------------------------------------------------
 # bad input: a 4xx with a JSON message, never a 500
-
-
-def pydantic_says(type_, value):
-    """The installed pydantic's own message for `value` as `type_`: what the app passes on after the
-    location it names (serve/app.py's describe_validation_errors), so that the location is ours to check."""
-    try:
-        TypeAdapter(type_).validate_python(value)
-    except ValidationError as err:
-        return err.errors()[0]["msg"]
-    raise AssertionError(f"pydantic accepts {value!r} as {type_}")
 
 
 BAD_BODIES = [

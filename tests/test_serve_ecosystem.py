@@ -22,10 +22,10 @@ import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError, create_model
+from pydantic import Field, StrictBool, StrictInt, create_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from conftest import free_port, server_process
+from conftest import free_port, pydantic_says, server_process
 from models import IMDB_TEST
 from serve.app import ServeConfig, create_app, validate_config
 from serve.batching import BatchWorker, Limits
@@ -194,16 +194,6 @@ def test_tei_pairs_are_refused_with_the_batch_form_in_the_message(client):
         assert '{"inputs": [["first text"], ["second text"]]}' in refused["error"]
     three = post(client, "/predict", {"inputs": ["a", "b", "c"]}, status=422).json()
     assert three["error"].startswith("inputs holds 3 strings") and "[[" in three["error"]
-
-
-def pydantic_says(type_, value):
-    """The installed pydantic's own message for `value` as `type_`: what the app passes on after the
-    location it names (serve/app.py's describe_validation_errors), so that the location is ours to check."""
-    try:
-        TypeAdapter(type_).validate_python(value)
-    except ValidationError as err:
-        return err.errors()[0]["msg"]
-    raise AssertionError(f"pydantic accepts {value!r} as {type_}")
 
 
 DIRECTION = Literal["Right", "Left", "right", "left"]  # as in serve/ecosystem.py's TeiRequest
