@@ -67,6 +67,7 @@ from serve.classifier import Classifier, Text, softmax, to_prediction
 from serve.ecosystem import (ErrorType, HubPrediction, Task, TeiPrediction, check_inputs, error_type_for, hub_answer,
                              hub_request, hub_task, tei_answer, tei_request, tei_task, timing_headers)
 from serve.explaining import Busy, ShuttingDown, load_explaining, to_answer
+from serve.memory import describe as describe_memory
 from serve.metrics import Metrics, RequestLog
 
 log = logging.getLogger("app")
@@ -774,6 +775,7 @@ def add_info(app, cfg, state):
             "batches_run": classifier.worker.batches if classifier else 0,
             "texts_classified": classifier.worker.texts_done if classifier else 0,
             "explain": explain_info(cfg, state.explaining),
+            "memory": describe_memory(cfg.malloc_mmap_threshold),  # the allocator, its setting, RSS now and at peak
             "eval_results_path": eval_path,
             "eval_results": eval_results,
         }
