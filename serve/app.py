@@ -31,8 +31,7 @@ import os
 # several times slower (BENCHMARKS.md). PASSIVE makes them sleep instead. GNU libgomp (torch's
 # Linux wheels) still spins GOMP_SPINCOUNT times first, a fraction of a millisecond: enough to catch
 # the next operation of the same forward pass without a sleep and a wake-up (more throughput at
-# concurrency 1, BENCHMARKS.md), too little to starve the event loop between batches. Any value the
-# user set wins.
+# concurrency 1, BENCHMARKS.md), too little to starve the event loop between batches. Yours wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "30000"
@@ -65,6 +64,7 @@ from serve.ecosystem import HubPrediction, check_inputs, hub_answer, hub_request
 from serve.explaining import Busy, ShuttingDown, load_explaining, to_answer
 from serve.http_types import (EXPLAIN_WHEN, PREDICT_ANSWERS, ExplainResponse, HealthResponse, documented, error,
                               explain_request, http_error, our_task, predict_request, unexpected_error, validation_error)
+from serve import memory
 from serve.metrics import Metrics, RequestLog
 from serve.model_state import EXIT_LOAD_FAILED, ModelState
 from training import hardware
@@ -441,6 +441,7 @@ def add_info(app, cfg, state):
             "batches_run": classifier.worker.batches if classifier else 0,
             "texts_classified": classifier.worker.texts_done if classifier else 0,
             "explain": explain_info(cfg, state.explaining),
+            "memory": memory.describe(cfg.malloc_mmap_threshold),  # the allocator, its setting, RSS now and at peak
             "eval_results_path": eval_path,
             "eval_results": eval_results,
         }

@@ -22,6 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from serve.memory import check_mmap_threshold
+
 
 log = logging.getLogger("batching")
 
@@ -60,6 +62,15 @@ class Limits:
                           "split by length where the padding saved is worth more. Default: 128 on CPU, no split "
                           "on a GPU"},
     )
+    malloc_mmap_threshold: int = field(
+        default=128 * 1024,
+        metadata={"help": "glibc's malloc: blocks over this many bytes get an mmap of their own, returned to the "
+                          "OS when freed. Held fixed; glibc's own threshold rises up to 32 MiB, and the server's "
+                          "memory then grows for good (docs/serving.md#memory). 0: glibc's dynamic threshold"},
+    )
+
+    def __post_init__(self):
+        check_mmap_threshold(self.malloc_mmap_threshold)  # a ValueError: python -m serve says it and exits 2
 
 
 class InputError(ValueError):

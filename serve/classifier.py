@@ -30,6 +30,7 @@ import torch
 
 from model_utils import bare_tokenizer, count_parameters, device_name, label_names, load_for_inference, model_max_length
 from serve.batching import BatchWorker, InputError
+from serve.memory import configure as configure_memory
 from serve.packed import can_pack, classify_packed, use_packed_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -171,6 +172,7 @@ class Classifier:
     tokenizes the long texts that must not be truncated)."""
 
     def __init__(self, model_dir, limits, device="cpu"):
+        configure_memory(limits.malloc_mmap_threshold)  # before the model's memory is allocated (serve/memory.py)
         model, tokenizer = load_for_inference(model_dir, device, DTYPES[limits.dtype or default_dtype(device)])
         self.model_dir = model_dir
         self.config = model.config
