@@ -9,13 +9,15 @@ Suspects (each run prints its resident memory, RSS, every --every batches or cal
   of the allocator and of oneDNN, side by side, the same batches for each:
     glibc                     the default: glibc's malloc, oneDNN's primitive cache of 1,024
     onednn-cache-0            ONEDNN_PRIMITIVE_CACHE_CAPACITY=0: no cached oneDNN primitives
+    onednn-cache-64, -256     a smaller cache than oneDNN's 1,024
     arena-max-2               MALLOC_ARENA_MAX=2: two glibc arenas instead of up to 8 per core
     mmap-threshold-fixed      MALLOC_MMAP_THRESHOLD_=131072: glibc's fixed threshold; blocks above 128 KB
                               get their own mmap and go back to the OS when freed
     cpu-speed-reuse           cpu_speed.reuse_freed_memory(), as train_loop.py sets it (never returned)
     jemalloc, tcmalloc        the distribution's libjemalloc2 / libtcmalloc-minimal4 through LD_PRELOAD
-    server                    what the server does now: the same threshold held fixed, with mallopt
-  Every variant but `server` runs with --malloc_mmap_threshold 0: glibc's dynamic threshold, as before.
+    server                    what the server does now: glibc as it comes, packed batches over the
+                              model's maximum padded to a multiple of 64 tokens (a bounded shape set)
+  Every variant but `server` runs with --pad_to_multiple_of 1: a new shape nearly every batch, as before.
 - tokenizer: the Rust tokenizer's encode_batch alone, on the same reviews.
 - explainer: POST /explain's engine alone (serve/explaining.py), short reviews one after another,
   under the same settings.
@@ -40,25 +42,27 @@ from models import IMDB_TEST, save_minilm_classifier  # noqa: E402
 
 PROG = "python -m bench.memory_suspects"
 LIBDIR = "/usr/lib/x86_64-linux-gnu"
-# name -> what the run's environment adds; SUSPECT_MMAP_THRESHOLD is the server's --malloc_mmap_threshold
-GLIBC_DYNAMIC = {"SUSPECT_MMAP_THRESHOLD": "0"}  # glibc as it comes, the server before its fix
+# name -> what the run's environment adds; SUSPECT_PAD_TO_MULTIPLE_OF is the server's --pad_to_multiple_of
+GLIBC_DYNAMIC = {"SUSPECT_PAD_TO_MULTIPLE_OF": "1"}  # glibc as it comes, a new shape nearly every batch: before the fix
 VARIANTS = {
     "glibc": GLIBC_DYNAMIC,
     "onednn-cache-0": {**GLIBC_DYNAMIC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"},
+    "onednn-cache-64": {**GLIBC_DYNAMIC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"},
+    "onednn-cache-256": {**GLIBC_DYNAMIC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"},
     "arena-max-2": {**GLIBC_DYNAMIC, "MALLOC_ARENA_MAX": "2"},
     "mmap-threshold-fixed": {**GLIBC_DYNAMIC, "MALLOC_MMAP_THRESHOLD_": "131072"},
     "cpu-speed-reuse": {**GLIBC_DYNAMIC, "SUSPECT_REUSE_FREED_MEMORY": "1"},
     "jemalloc": {**GLIBC_DYNAMIC, "LD_PRELOAD": f"{LIBDIR}/libjemalloc.so.2"},
     "tcmalloc": {**GLIBC_DYNAMIC, "LD_PRELOAD": f"{LIBDIR}/libtcmalloc_minimal.so.4"},
-    "server": {},  # the server's own setting (serve/memory.py): mallopt in-process, 128 KiB held fixed
+    "server": {},  # the server as it runs now: a bounded set of packed shapes (serve/packed.py)
 }
 
 
-def mmap_threshold():
+def limits():
     from serve.batching import Limits
 
-    value = os.environ.get("SUSPECT_MMAP_THRESHOLD")
-    return Limits().malloc_mmap_threshold if value is None else int(value)
+    value = os.environ.get("SUSPECT_PAD_TO_MULTIPLE_OF")
+    return Limits() if value is None else Limits(pad_to_multiple_of=int(value))
 
 
 def rss_mb():
@@ -85,15 +89,14 @@ def run_model(model_dir, batches, every, seed):
     import torch  # noqa: F401 (loaded before the setting below, as in a server)
 
     if os.environ.get("SUSPECT_REUSE_FREED_MEMORY") == "1":
-        import cpu_speed
+        from training import cpu_speed
 
         cpu_speed.reuse_freed_memory()
-    from serve.batching import Limits
     from serve.classifier import Classifier
 
     rng = random.Random(seed)
     pool = reviews(2000, seed)
-    classifier = Classifier(model_dir, Limits(malloc_mmap_threshold=mmap_threshold()), "cpu")
+    classifier = Classifier(model_dir, limits(), "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
     for i in range(1, batches + 1):
         classifier.submit(rng.sample(pool, rng.randint(1, 16))).result()
@@ -128,8 +131,7 @@ def run_explainer(model_dir, batches, every, seed):
 
     rng = random.Random(seed)
     pool = [t for t in reviews(2000, seed) if len(t) < 300]
-    explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32,
-                                                       malloc_mmap_threshold=mmap_threshold()), "cpu")
+    explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32), "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
     for i in range(1, batches + 1):
         explaining.submit(rng.choice(pool), "right").result()

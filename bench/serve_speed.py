@@ -172,12 +172,12 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
-def server_kinds(app_env, compare_env, compare_dir=None):
+def server_kinds(app_env, compare_envs, compare_dir=None):
     """Server name -> (the app's extra environment, the folder it runs from); an environment of None
-    is the baseline. `compare_env` adds a second app, so that a setting is measured against the default
+    is the baseline. Each of `compare_envs` adds an app, so that a setting is measured against the default
     in the same run; `compare_dir` the app of another checkout (the code before a change, say)."""
     kinds = {"baseline": (None, ROOT), "app": (app_env, ROOT)}
-    if compare_env:
+    for compare_env in compare_envs:
         kinds["app " + " ".join(f"{k}={v}" for k, v in compare_env.items())] = ({**app_env, **compare_env}, ROOT)
     if compare_dir:
         kinds[f"app in {compare_dir}"] = (app_env, Path(compare_dir).resolve())
@@ -288,12 +288,14 @@ def parse_args():
     parser.add_argument("--max_wait_ms", help="passed to the app as SERVE_MAX_WAIT_MS")
     parser.add_argument("--app_env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more environment for the app only, e.g. SERVE_FORWARD_COST_TOKENS=64 OMP_NUM_THREADS=1")
-    parser.add_argument("--compare_env", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="also measure a second app with this environment, e.g. SERVE_PACKED=false")
+    parser.add_argument("--compare_env", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                        help="also measure another app with this environment, e.g. SERVE_PACKED=false; repeat the flag "
+                             "for several, each measured in the same rounds")
     parser.add_argument("--compare_dir", help="also measure the app of another checkout of this repository, "
                                               "run from that folder (e.g. the code before a change)")
     args = parser.parse_args()
-    args.app_env, args.compare_env = (parse_env(parser, name, getattr(args, name)) for name in ("app_env", "compare_env"))
+    args.app_env = parse_env(parser, "app_env", args.app_env)
+    args.compare_env = [parse_env(parser, "compare_env", pairs) for pairs in args.compare_env]
     if args.max_wait_ms:
         args.app_env["SERVE_MAX_WAIT_MS"] = args.max_wait_ms
     return args

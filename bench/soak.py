@@ -3,12 +3,12 @@ its resident memory (RSS) read every 1,000 requests.
 
     python -m bench.soak                                   # minilm-l6 + a 2-label head: 50,000 requests of each load
     python -m bench.soak --load mixed --requests 20000     # one load, shorter
-    python -m bench.soak --server app --server glibc-dynamic SERVE_MALLOC_MMAP_THRESHOLD=0 \
-                         --server jemalloc SERVE_MALLOC_MMAP_THRESHOLD=0 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+    python -m bench.soak --server app --server unbounded SERVE_PAD_TO_MULTIPLE_OF=1 \
+                         --server jemalloc SERVE_PAD_TO_MULTIPLE_OF=1 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
                                                            # candidates side by side, in turns of 1,000 requests
     python -m bench.soak --compare_dir /tmp/before --compare_requests 20000
                                                            # and the app of another checkout (the code before a fix)
-    python -m bench.soak --probe --server before SERVE_MALLOC_MMAP_THRESHOLD=0 --requests 3000
+    python -m bench.soak --probe --server before SERVE_PAD_TO_MULTIPLE_OF=1 --requests 3000
                                                            # where the memory goes (bench/memory_probe.py)
     python -m bench.soak --train_steps 20000               # training instead: train_loop.py's RSS every 1,000 steps
 
@@ -486,7 +486,8 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.train_steps:
         return train_main(args, out_dir)
-    model_dir = Path(args.model_dir) if args.model_dir else out_dir / "minilm-2labels"  # kept: see review_pool
+    # Absolute: a --compare_dir server runs from its own folder. Kept in --out: see review_pool.
+    model_dir = (Path(args.model_dir) if args.model_dir else out_dir / "minilm-2labels").resolve()
     if not args.model_dir and not (model_dir / "config.json").exists():
         save_minilm_classifier(model_dir)
     short, long, reference, id2label = review_pool(model_dir, args.pool, args.max_tokens, args.long, args.seed, out_dir)

@@ -13,7 +13,7 @@ its router, core and backends:
     classifier.py   the loaded model behind the worker: each batch tokenized, padded batches split by length
     packed.py       packed batches: no padding at all (a BERT model on a CPU)
     explaining.py   POST /explain: training/explain.py's Integrated Gradients on a model copy, a thread and a cap of its own
-    memory.py       the allocator's setting that keeps the server's memory from growing, and what /info says of it
+    memory.py       why the memory stops growing (a bounded set of packed shapes), and what /info says of it
     predict.py      the same worker from the command line                 python -m serve.predict
 
 Imports run one way: this package uses the training modules (model_utils,

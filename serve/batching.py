@@ -22,8 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from serve.memory import check_mmap_threshold
-
 
 log = logging.getLogger("batching")
 
@@ -62,15 +60,17 @@ class Limits:
                           "split by length where the padding saved is worth more. Default: 128 on CPU, no split "
                           "on a GPU"},
     )
-    malloc_mmap_threshold: int = field(
-        default=128 * 1024,
-        metadata={"help": "glibc's malloc: blocks over this many bytes get an mmap of their own, returned to the "
-                          "OS when freed. Held fixed; glibc's own threshold rises up to 32 MiB, and the server's "
-                          "memory then grows for good (docs/serving.md#memory). 0: glibc's dynamic threshold"},
+    pad_to_multiple_of: int = field(
+        default=64,
+        metadata={"help": "on a CPU, a batch of more than one text is padded to a multiple of this many tokens (a "
+                          "packed batch in all, a padded one per row): a bounded set of shapes, each created once by "
+                          "oneDNN, so that the server's memory stops growing (docs/serving.md#memory). 1: no padding"},
     )
 
     def __post_init__(self):
-        check_mmap_threshold(self.malloc_mmap_threshold)  # a ValueError: python -m serve says it and exits 2
+        if self.pad_to_multiple_of < 1:  # a ValueError: python -m serve says it and exits 2
+            raise ValueError(f"--pad_to_multiple_of must be a positive integer (1: no padding), not "
+                             f"{self.pad_to_multiple_of}")
 
 
 class InputError(ValueError):

@@ -30,7 +30,7 @@ import torch
 
 from model_utils import bare_tokenizer, count_parameters, device_name, label_names, load_for_inference, model_max_length
 from serve.batching import BatchWorker, InputError
-from serve.memory import configure as configure_memory
+from serve.memory import log_setup as log_memory_setup
 from serve.packed import can_pack, classify_packed, use_packed_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,34 +50,45 @@ CPU_FORWARD_COST_TOKENS = 128
 # the model call, padded: one gathered batch, split by length
 
 
-def classify_by_length(model, ids, pad_token_id, forward_cost_tokens):
+def classify_by_length(model, ids, pad_token_id, forward_cost_tokens, max_length=512, multiple=1):
     """Logits (len(ids), num_labels) in float32, in input order, computed in chunks of similar length.
 
     A padded batch costs about (texts x longest text) tokens. Gathered requests have mixed lengths
     (25 to 128 tokens, say), so one batch would spend a third of its time on padding; sorting and
     cutting it where that saves more than a forward pass costs gets most of that back on a CPU.
+    A chunk of several texts is padded to a multiple of `multiple` tokens (padded_length: why).
     """
     lengths = [len(row) for row in ids]
     order = sorted(range(len(ids)), key=lengths.__getitem__)
     logits = torch.empty(len(ids), model.config.num_labels)
-    for start, end in split_by_length([lengths[i] for i in order], forward_cost_tokens):
+    width = partial(padded_length, max_length=max_length, multiple=multiple)
+    for start, end in split_by_length([lengths[i] for i in order], forward_cost_tokens, width):
         rows = order[start:end]
-        logits[rows] = forward_padded(model, [ids[i] for i in rows], pad_token_id).cpu()
+        chunk = [ids[i] for i in rows]
+        logits[rows] = forward_padded(model, chunk, pad_token_id, width(len(chunk), lengths[rows[-1]])).cpu()
     return logits
 
 
+def padded_length(texts, longest, max_length=512, multiple=1):
+    """The length a padded chunk of `texts` texts is padded to: a text alone, its own; several, the
+    longest rounded up to a multiple of `multiple`, at most the model's maximum. So a chunk has one of
+    a bounded set of shapes, (texts, length), each of which oneDNN creates once (docs/serving.md#memory)."""
+    return longest if texts == 1 else min(-(-longest // multiple) * multiple, max(longest, max_length))
+
+
 @torch.inference_mode()
-def forward_padded(model, ids, pad_token_id):
-    """One forward pass over `ids` padded on the right to the longest: logits (B, num_labels) in fp32,
-    whatever the model's dtype. (Token types are left to the model: all 0, one text each.)"""
-    longest = max(len(row) for row in ids)
+def forward_padded(model, ids, pad_token_id, longest=None):
+    """One forward pass over `ids` padded on the right to `longest` (default: the longest): logits
+    (B, num_labels) in fp32, whatever the model's dtype. (Token types are left to the model: all 0.)"""
+    longest = longest or max(len(row) for row in ids)
     input_ids = torch.tensor([row + [pad_token_id] * (longest - len(row)) for row in ids], device=model.device)
     attention_mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in ids], device=model.device)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
 
-def split_by_length(sorted_lengths, forward_cost_tokens):
-    """Cut sorted lengths into consecutive chunks minimising sum(forward_cost + size x longest).
+def split_by_length(sorted_lengths, forward_cost_tokens, width=lambda texts, longest: longest):
+    """Cut sorted lengths into consecutive chunks minimising sum(forward_cost + size x width), where
+    width(size, longest) is the length a chunk is padded to (its longest, or more: padded_length).
 
     Dynamic programming over cut points: best[end] is the cheapest way to run the first `end`.
     """
@@ -85,7 +96,7 @@ def split_by_length(sorted_lengths, forward_cost_tokens):
     best, cut = [0] + [math.inf] * n, [0] * (n + 1)
     for end in range(1, n + 1):
         for start in range(end):
-            cost = best[start] + forward_cost_tokens + (end - start) * sorted_lengths[end - 1]
+            cost = best[start] + forward_cost_tokens + (end - start) * width(end - start, sorted_lengths[end - 1])
             if cost < best[end]:
                 best[end], cut[end] = cost, start
     chunks, end = [], n
@@ -172,7 +183,6 @@ class Classifier:
     tokenizes the long texts that must not be truncated)."""
 
     def __init__(self, model_dir, limits, device="cpu"):
-        configure_memory(limits.malloc_mmap_threshold)  # before the model's memory is allocated (serve/memory.py)
         model, tokenizer = load_for_inference(model_dir, device, DTYPES[limits.dtype or default_dtype(device)])
         self.model_dir = model_dir
         self.config = model.config
@@ -191,16 +201,20 @@ class Classifier:
         self.packed = limits.packed and model.device.type == "cpu" and can_pack(model) and use_packed_attention(model)
         batch = partial(classify_texts, self.tokenizers, self.classify_ids_fn(model, tokenizer.pad_token_id))
         self.worker = BatchWorker(batch, limits)
+        log_memory_setup(self)  # the allocator, and the batches' shapes against oneDNN's cache (serve/memory.py)
         self.warm_up()
 
     def classify_ids_fn(self, model, pad_token_id):
         """How a batch of token ids runs: packed on a CPU for a BERT, else padded."""
+        # oneDNN's cache of a primitive per shape is the CPU's (serve/memory.py); a GPU pads to the longest.
+        multiple = self.limits.pad_to_multiple_of if model.device.type == "cpu" else 1
         if self.packed:
-            return partial(classify_packed, model)
+            return partial(classify_packed, model, max_length=self.max_length, multiple=multiple)
         cost = self.limits.forward_cost_tokens
         if cost is None:  # padding is nearly free on a GPU (above): never split there
             cost = CPU_FORWARD_COST_TOKENS if model.device.type == "cpu" else 1_000_000
-        return partial(classify_by_length, model, pad_token_id=pad_token_id, forward_cost_tokens=cost)
+        return partial(classify_by_length, model, pad_token_id=pad_token_id, forward_cost_tokens=cost,
+                       max_length=self.max_length, multiple=multiple)
 
     def warm_up(self):
         """The first forward pass pays one-off costs (allocator, kernels); pay them before serving."""

@@ -34,7 +34,6 @@ import torch
 
 from training.explain import Explainer
 from model_utils import load_for_inference
-from serve.memory import configure as configure_memory
 
 log = logging.getLogger("explain")
 
@@ -65,9 +64,7 @@ class ShuttingDown(RuntimeError):
 
 def load_explaining(model_dir, cfg, device):
     """The explainer's own float32 copy of the model, set up and warmed up; the web app's loader.
-    `cfg` holds max_concurrent_explains, explain_n_steps and malloc_mmap_threshold (serve/app.py's ServeConfig).
-    The web app loads this copy first: the allocator's setting is made here, before its memory is allocated."""
-    configure_memory(cfg.malloc_mmap_threshold)
+    `cfg` holds max_concurrent_explains and explain_n_steps (serve/app.py's ServeConfig)."""
     model, tokenizer = load_for_inference(model_dir, device, torch.float32)
     return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps)
 

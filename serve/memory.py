@@ -1,30 +1,30 @@
-"""The server's memory: why it stops growing, and what it says about its allocator.
+"""The server's memory: why it stops growing, and what it says about it.
 
-    configure(131072)   # once, before the model loads: glibc's mmap threshold held at 128 KiB
-    describe()          # the allocator and the setting, as the startup log and GET /info say them
-    proc_status_mb()    # {"rss_mb": ..., "rss_anon_mb": ..., ...} from /proc/self/status
-    mallinfo2()         # glibc's account of its heap, in MB (bench/memory_probe.py)
+    batch_shapes(512, 32, 64)   # 760: the shapes a batch can have when it is padded to a multiple of 64 tokens
+    describe(classifier)        # GET /info's "memory": the allocator, oneDNN's cache, the shapes, RSS now and at peak
+    log_setup(classifier)       # the startup line saying the same, and a warning where the cache is too small
+    proc_status_mb()            # {"rss_mb": ..., "rss_anon_mb": ..., ...} from /proc/self/status
+    mallinfo2()                 # glibc's account of its heap, in MB (bench/memory_probe.py)
 
-Why (measured in BENCHMARKS.md, explained in docs/serving.md#memory): glibc's malloc serves a block
-above its mmap threshold (128 KiB at first) with an mmap of its own, returned to the OS when freed,
-and everything smaller from its heap (one arena per thread, up to 8 per core). Each time a block it
-had mmapped is freed, glibc raises the threshold to that block's size, up to 32 MiB, to save the
-next mmap. After the first batches, the activations of a forward pass (2-10 MB each) therefore come
-from the batching worker's arena instead. Between them sit small long-lived blocks: above all the
-primitives oneDNN caches for GELU, one per tensor shape (up to 1,024), and a packed batch has a new
-shape almost every time. A freed activation next to one of those cannot be merged with its
-neighbours or handed back, and the next batch, of another size, often does not fit in the hole: the
-arena grows by a few MB every few dozen batches, without end. In use, the memory barely changed
-(+20 MB in 1,000 requests); freed but kept, it grew by hundreds of MB.
+Why the memory grew (measured in BENCHMARKS.md, explained in docs/serving.md#memory): each new
+tensor shape makes oneDNN, which runs torch's GELU on a CPU, create a primitive and keep it in its
+cache (up to 1,024). A packed batch had a new shape almost every time (its total token count). glibc
+serves the batching worker's activations (2-10 MB each) from that thread's arena, since it raises
+its mmap threshold to each large block freed (up to 32 MiB), and the small long-lived primitives sat
+between them: the freed activations around them could not be merged or handed back, the next batch,
+of another size, often did not fit the holes, and the arena grew for good. In use, the memory barely
+changed (+20 MB in 1,000 requests); freed but kept, it grew by hundreds of MB.
 
-The remedy is glibc's own setting, made in-process with mallopt: the threshold held fixed at
-glibc's initial 128 KiB. Activations then get their own mmap every time and go back to the OS as
-soon as they are freed, whatever their neighbours; only the small blocks stay in the heap. Under
-another malloc (jemalloc or tcmalloc through LD_PRELOAD), or another C library, nothing is set.
+The remedy is a bounded shape set (--pad_to_multiple_of, 64 by default): on a CPU, a batch of more
+than one text is padded to a multiple of 64 tokens, a packed batch in all (serve/packed.py), a padded
+one per row (serve/classifier.py). A BERT of 512 tokens and batches of 32 texts then has at most 760
+shapes, all of them in oneDNN's cache, each created once. Nothing else changes: the allocator is
+glibc's, or whatever the process was started with (LD_PRELOAD), and is named here.
 """
 
 import ctypes
 import logging
+import math
 import os
 import platform
 from functools import lru_cache
@@ -32,16 +32,31 @@ from functools import lru_cache
 log = logging.getLogger("memory")
 
 MB = 2**20
-# mallopt's parameter numbers (glibc's malloc.h), and glibc's defaults for the two the server resets
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-GLIBC_TRIM_THRESHOLD = 128 * 1024  # free memory at the heap's top beyond this goes back to the OS
-GLIBC_MMAP_MAX = 65536  # mmapped blocks at once; cpu_speed.reuse_freed_memory sets 0 (none) for training
-GLIBC_MMAP_THRESHOLD_MAX = 32 * MB  # what mallopt accepts at most on 64-bit (HEAP_MAX_SIZE / 2)
-ENV_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"  # glibc's own variable: a user's value wins over ours
+ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")  # read in this order
+ONEDNN_CACHE_DEFAULT = 1024  # oneDNN's own capacity, in primitives (doc/advanced/primitive_cache.md)
 
 
 # -----------------------------------------------------------------------------
-# the C library and the allocator in use
+# what runs: the allocator, oneDNN's cache, the batches' shapes
+
+
+def batch_shapes(max_length, max_batch_size, multiple, packed=True):
+    """How many shapes a batch can have. Packed: every token count up to `max_length`, then one per
+    `multiple` tokens up to max_batch_size texts of max_length. Padded: a text alone, every length up
+    to max_length; several, one per `multiple` tokens of the longest, for each number of texts."""
+    if packed:
+        return max_length + math.ceil((max_batch_size - 1) * max_length / multiple)
+    return max_length + (max_batch_size - 1) * math.ceil(max_length / multiple)
+
+
+def onednn_cache_capacity():
+    """(primitives oneDNN's cache holds, who set it): a variable of the environment, or oneDNN's default.
+    oneDNN reads the variable once, at its first primitive: a value set later in the process is ignored."""
+    for name in ONEDNN_CACHE_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and value.strip().lstrip("-").isdigit():
+            return int(value), f"{name} in the environment"
+    return ONEDNN_CACHE_DEFAULT, "oneDNN's default"
 
 
 @lru_cache(maxsize=1)
@@ -58,7 +73,6 @@ def glibc():
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc
 
 
@@ -93,64 +107,35 @@ def allocator_name():
     return f"{name} {version}".strip() if name else f"the C library's malloc ({platform.system()})"
 
 
-def uses_glibc_malloc():
-    return glibc() is not None and allocator_name().startswith("glibc")
-
-
-# -----------------------------------------------------------------------------
-# the setting
-
-
-@lru_cache(maxsize=None)
-def configure(mmap_threshold):
-    """Hold glibc's mmap threshold at `mmap_threshold` bytes (0: leave glibc's dynamic threshold), once
-    per process, before the model loads. mallopt is process-wide: it holds for everything else in
-    the process too. Also resets the two settings cpu_speed.reuse_freed_memory changes for training
-    (no mmap at all, nothing returned below 2 GB free) to glibc's defaults: a process that trained
-    first would otherwise serve with them, and keep its peak for good."""
-    if not uses_glibc_malloc():
-        log.info("memory: %s answers malloc; --malloc_mmap_threshold is glibc's, not applied", allocator_name())
-    elif ENV_THRESHOLD in os.environ:
-        log.info("memory: %s malloc, mmap threshold %s bytes from %s in the environment (glibc applied it)",
-                 allocator_name(), os.environ[ENV_THRESHOLD], ENV_THRESHOLD)
-    elif mmap_threshold == 0:
-        log.warning("memory: %s malloc with its dynamic mmap threshold (--malloc_mmap_threshold 0): the "
-                    "server's memory grows with the shapes it has seen (docs/serving.md#memory)", allocator_name())
-    else:
-        libc = glibc()
-        applied = (libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX) and libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
-                   and libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
-        if not applied:
-            raise RuntimeError(f"glibc refused mallopt(M_MMAP_THRESHOLD, {mmap_threshold})")
-        log.info("memory: %s malloc; blocks over %s get an mmap of their own, returned to the OS when freed "
-                 "(mmap threshold held fixed: docs/serving.md#memory)", allocator_name(), size_text(mmap_threshold))
-
-
-def describe(mmap_threshold=None):
-    """What GET /info says under "memory": the allocator, the mmap threshold in force and who set it,
-    and the resident memory now and at its peak."""
-    if not uses_glibc_malloc():
-        threshold, source = None, "not glibc's malloc: not applied"
-    elif ENV_THRESHOLD in os.environ:
-        value = os.environ[ENV_THRESHOLD]
-        threshold, source = int(value) if value.isdigit() else value, f"{ENV_THRESHOLD} in the environment"
-    elif not mmap_threshold:
-        threshold, source = None, "glibc's dynamic threshold (128 KiB, raised up to 32 MiB by each freed block)"
-    else:
-        threshold, source = mmap_threshold, "held fixed by the server (--malloc_mmap_threshold)"
-    return {"allocator": allocator_name(), "mmap_threshold": threshold, "mmap_threshold_set_by": source,
+def describe(classifier=None):
+    """GET /info's "memory": the allocator, oneDNN's primitive cache, the shapes a batch can have
+    (None before the model is loaded, or off the CPU, where oneDNN does not run), RSS now and at its peak."""
+    capacity, set_by = onednn_cache_capacity()
+    shapes = multiple = None
+    if classifier is not None and classifier.device_type == "cpu":
+        multiple = classifier.limits.pad_to_multiple_of
+        shapes = batch_shapes(classifier.max_length, classifier.limits.max_batch_size, multiple, classifier.packed)
+    return {"allocator": allocator_name(), "onednn_primitive_cache_capacity": capacity,
+            "onednn_primitive_cache_set_by": set_by, "batch_shapes": shapes, "pad_to_multiple_of": multiple,
             **(proc_status_mb() if os.path.exists("/proc/self/status") else {})}
 
 
-def check_mmap_threshold(value):
-    """The flag's bounds: 0 (glibc's dynamic threshold) or 1 byte to 32 MiB, what mallopt accepts."""
-    if not 0 <= value <= GLIBC_MMAP_THRESHOLD_MAX:
-        raise ValueError(f"--malloc_mmap_threshold must be 0 (glibc's dynamic threshold) or between 1 and "
-                         f"{GLIBC_MMAP_THRESHOLD_MAX} bytes (32 MiB, glibc's maximum), not {value}")
-
-
-def size_text(n):
-    return f"{n // 1024} KiB" if n % 1024 == 0 else f"{n} bytes"
+def log_setup(classifier):
+    """One startup line: the allocator, and whether every shape of a batch fits in oneDNN's cache (a
+    warning when it does not: the memory is then not known to stay flat)."""
+    info = describe(classifier)
+    capacity, shapes, multiple = info["onednn_primitive_cache_capacity"], info["batch_shapes"], info["pad_to_multiple_of"]
+    if shapes is None:
+        log.info("memory: %s malloc, on a %s", info["allocator"], classifier.device_type)
+    elif capacity < shapes:
+        log.warning("memory: %s malloc; batches have up to %d shapes (--pad_to_multiple_of %d), more than oneDNN's "
+                    "primitive cache holds (%d, %s): primitives are evicted and created again, and the server's "
+                    "memory may grow (docs/serving.md#memory)", info["allocator"], shapes, multiple, capacity,
+                    info["onednn_primitive_cache_set_by"])
+    else:
+        log.info("memory: %s malloc; batches of several texts are padded to a multiple of %d tokens (%s): at most "
+                 "%d shapes, all in oneDNN's primitive cache of %d (docs/serving.md#memory)", info["allocator"],
+                 multiple, "in all, packed" if classifier.packed else "per row", shapes, capacity)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Packed batches: a BERT batch with no padding at all, for serving on a CPU.
+"""Packed batches: a BERT batch with no padded rows, for serving on a CPU.
 
 A padded batch of texts of 30 and 120 tokens computes 120 rows for each. Packing lays the texts'
 tokens end to end as one sequence of exactly the real tokens instead. Everything in a BERT layer
@@ -6,6 +6,8 @@ but attention works on each token alone (the Q/K/V, output and feed-forward matr
 so those matmuls, most of the work, run once on one tall matrix with no wasted rows. Attention
 must not mix texts: `packed_sdpa` runs it text by text, between the offsets in `cu_seq_lens_q`
 (the name flash-attention's variable-length kernels use; TEI packs BERT batches with those on GPUs).
+A batch over the model's maximum ends with a few [PAD] tokens of its own, so that the token counts
+are a bounded set (PAD_TO_MULTIPLE_OF: why the server's memory needs that).
 
     if can_pack(model) and use_packed_attention(model):
         logits = classify_packed(model, ids)   # ids: token ids per text, truncated; (len(ids), num_labels)
@@ -20,6 +22,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_ATTENTION = "packed_sdpa"
+# A packed batch over the model's maximum is padded to a multiple of this many tokens. Every new
+# shape makes oneDNN create (and cache, up to 1,024) a new GELU primitive, and those long-lived blocks
+# kept the batching worker's glibc arena from reusing or returning the activations freed around
+# them: the server's memory grew for good (docs/serving.md#memory). With at most 512 shapes up to the
+# maximum and one per 64 tokens above it (248 more at 32 texts of 512), every shape fits in oneDNN's
+# cache and is created once. The price is under 64 [PAD] tokens a batch.
+PAD_TO_MULTIPLE_OF = 64
 
 
 def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
@@ -59,23 +68,37 @@ def use_packed_attention(model):
     return model.config._attn_implementation == PACKED_ATTENTION
 
 
+def padding_tokens(total, max_length, multiple=PAD_TO_MULTIPLE_OF):
+    """[PAD] tokens to add to a packed batch of `total` tokens: none up to the model's maximum (a
+    batch of one text, at most max_length shapes), else up to the next multiple of `multiple`."""
+    return 0 if total <= max_length else -total % multiple
+
+
 @torch.inference_mode()
-def classify_packed(model, ids):
+def classify_packed(model, ids, max_length=512, multiple=PAD_TO_MULTIPLE_OF):
     """Logits (len(ids), num_labels) in float32, in input order, from one forward pass with no padding.
 
     `ids`: each text's token ids, special tokens included, already truncated to the model's maximum.
     The model must use PACKED_ATTENTION. This is BertForSequenceClassification.forward, taken apart
     where it assumes one text per row: positions restart at 0 for each text, and the pooler reads
     each text's [CLS] token, not the first row's.
+
+    A batch of more than `max_length` tokens is rounded up to a multiple of `multiple` by one more
+    "text" of [PAD] tokens, which attends only to itself and whose output is dropped: the texts' logits
+    do not change, and the pass has one of a bounded set of shapes (why: PAD_TO_MULTIPLE_OF).
     """
     lengths = [len(row) for row in ids]
+    pad = padding_tokens(sum(lengths), max_length, multiple)
+    # The padding's "texts", none longer than the model's maximum (positions must stay in its table).
+    segments = lengths + [max_length] * (pad // max_length) + ([pad % max_length] if pad % max_length else [])
     device = model.device
-    input_ids = torch.tensor(list(chain.from_iterable(ids)), device=device)[None]  # (1, total tokens)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-    starts = torch.tensor([0, *accumulate(lengths)], device=device)  # text i is tokens starts[i]:starts[i + 1]
+    tokens = list(chain.from_iterable(ids)) + [model.config.pad_token_id or 0] * pad
+    input_ids = torch.tensor(tokens, device=device)[None]  # (1, total tokens)
+    position_ids = torch.cat([torch.arange(n) for n in segments])[None].to(device)
+    starts = torch.tensor([0, *accumulate(segments)], device=device)  # text i is tokens starts[i]:starts[i + 1]
     bert = model.bert
     hidden = bert.embeddings(input_ids=input_ids, position_ids=position_ids)  # token types: all 0, one text each
     hidden = bert.encoder(hidden, cu_seq_lens_q=starts, cu_seq_lens_k=starts).last_hidden_state
-    cls = hidden[0, starts[:-1]]  # (texts, hidden): each text's first token, [CLS]
+    cls = hidden[0, starts[:len(ids)]]  # (texts, hidden): each text's first token, [CLS]
     pooled = bert.pooler(cls[:, None])  # the pooler takes position 0 of a (texts, 1, hidden) batch
     return model.classifier(model.dropout(pooled)).float()

@@ -1,38 +1,49 @@
-"""The server's memory stops growing (serve/memory.py, docs/serving.md#memory).
+"""The server's memory stops growing (serve/memory.py, serve/packed.py, docs/serving.md#memory).
 
 The regression test runs the live server (`python -m serve`, a subprocess) on a model as wide as
-MiniLM (hidden 384, feed-forward 1536, 12 heads) but one layer deep and with a small vocabulary, so
-that its activations are as large as the real model's and a few thousand requests take seconds.
-It sends mixed-length texts at concurrency 16 and reads the server's RSS every 500 requests: after
-the warm-up the RSS must stay flat within a loose margin. glibc's dynamic mmap threshold (what the
-server ran before, --malloc_mmap_threshold 0) grows by tens of MB in the same run, which the second
-case shows, so the margin can catch the regression without being a timed test.
+MiniLM (hidden 384, feed-forward 1536, 12 heads) but one layer deep, 64 tokens long and with a small
+vocabulary, so that its activations are as large as the real model's and a few thousand requests
+take seconds. It sends mixed-length texts at concurrency 16 and reads the server's RSS every 500
+requests: after the warm-up the RSS must stay flat within a loose margin, packed and padded.
+Batches with a new shape nearly every time (--pad_to_multiple_of 1, what the server ran before) grow
+by tens of MB in the same run, which the last case shows, so the margin can catch the regression
+without being a timed test.
 """
 
 import asyncio
 import json
+import logging
 import os
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
+import torch
 
 from conftest import free_port
+from model_utils import load_for_inference
 from models import LABELS, ROOT, WORDPIECE_VOCAB, WORDS, save_tiny_bert
-from serve.memory import GLIBC_MMAP_THRESHOLD_MAX, allocator_name, check_mmap_threshold, describe, glibc, proc_status_mb
+from serve.batching import Limits
+from serve.classifier import classify_by_length, padded_length
+from serve.memory import allocator_name, batch_shapes, describe, glibc, log_setup, proc_status_mb
+from serve.packed import classify_packed, padding_tokens, use_packed_attention
 
 LIBJEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 REQUESTS, SAMPLE_EVERY, WARM_UP = 3000, 500, 1000  # RSS is read every 500 requests; flat after the first 1,000
+# Texts of 1-80 words for a model of 64 tokens: a batch of 32 is as large as 8 texts of 256 tokens, and a
+# bounded shape set small enough (95 shapes) that the warm-up meets nearly all of them.
+MAX_LENGTH, MAX_WORDS = 64, 80
 
 
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory):
     """MiniLM's widths, one layer: its tensors are the real model's size, its forward pass 1/6 of the time."""
-    return save_tiny_bert(tmp_path_factory.mktemp("wide") / "model", WORDPIECE_VOCAB, max_length=256, labels=LABELS,
+    return save_tiny_bert(tmp_path_factory.mktemp("wide") / "model", WORDPIECE_VOCAB, max_length=MAX_LENGTH, labels=LABELS,
                           initializer_range=0.3, hidden_size=384, intermediate_size=1536, num_attention_heads=12,
                           num_hidden_layers=1)
 
@@ -46,10 +57,10 @@ def start_server(model_dir, port, log_path, *flags):
 
 
 async def soak(url, process, n, every, seed=0):
-    """`n` requests at concurrency 16, texts of 1-200 words; the server's RSS every `every` requests
+    """`n` requests at concurrency 16, texts of 1-MAX_WORDS words; the server's RSS every `every` requests
     (with nothing in flight), and the number of wrong answers."""
     rng = random.Random(seed)
-    bodies = [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(1, 200)))}) for _ in range(n)]
+    bodies = [json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(1, MAX_WORDS)))}) for _ in range(n)]
     rss, wrong = [], 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         deadline = time.monotonic() + 90
@@ -100,59 +111,103 @@ def growth_after_warm_up(rss):
     return rss[-1] - rss[WARM_UP // SAMPLE_EVERY - 1]
 
 
-@pytest.mark.skipif(glibc() is None, reason="the setting and the growth it prevents are glibc's")
-def test_rss_stays_flat_over_thousands_of_requests(wide_dir, tmp_path):
-    rss, wrong, info = run_soak(wide_dir, tmp_path)
+@pytest.mark.skipif(glibc() is None, reason="the growth is glibc's arenas'")
+@pytest.mark.parametrize("packed", [True, False])
+def test_rss_stays_flat_over_thousands_of_requests(wide_dir, tmp_path, packed):
+    rss, wrong, info = run_soak(wide_dir, tmp_path, "--packed", str(packed).lower())
     assert wrong == 0
-    assert info["memory"]["mmap_threshold"] == 128 * 1024
-    assert info["memory"]["mmap_threshold_set_by"].startswith("held fixed by the server")
-    # Loose: a few MB of noise (Python's caches, the tokenizer's, page-ins); the regression grows by tens.
-    assert growth_after_warm_up(rss) < 15, f"RSS every {SAMPLE_EVERY} requests: {rss}"
-    assert "mmap threshold held fixed" in (tmp_path / "server.log").read_text()
+    assert info["packed"] is packed
+    assert info["memory"]["batch_shapes"] == batch_shapes(64, 32, 64, packed) == 64 + 31
+    # Loose: measured -1 to +17 MB (Python's caches, the tokenizer's, page-ins); the regression grows by 65-76.
+    assert growth_after_warm_up(rss) < 30, f"RSS every {SAMPLE_EVERY} requests: {rss}"
+    assert "batches of several texts are padded to a multiple of 64 tokens" in (tmp_path / "server.log").read_text()
 
 
-@pytest.mark.skipif(glibc() is None, reason="the setting and the growth it prevents are glibc's")
-def test_glibcs_dynamic_threshold_grows_where_the_server_stays_flat(wide_dir, tmp_path):
-    """The margin above can fail: the same soak under glibc's dynamic threshold, as the server ran before."""
-    rss, wrong, info = run_soak(wide_dir, tmp_path, "--malloc_mmap_threshold", "0")
+@pytest.mark.skipif(glibc() is None, reason="the growth is glibc's arenas'")
+def test_unbounded_shapes_grow_where_the_server_stays_flat(wide_dir, tmp_path):
+    """The margin above can fail: the same soak with a new shape for nearly every batch, as before."""
+    rss, wrong, info = run_soak(wide_dir, tmp_path, "--pad_to_multiple_of", "1")
     assert wrong == 0
-    assert info["memory"]["mmap_threshold"] is None
-    assert growth_after_warm_up(rss) > 30, f"RSS every {SAMPLE_EVERY} requests: {rss}"
-    assert "memory grows" in (tmp_path / "server.log").read_text()
+    assert info["memory"]["batch_shapes"] == 64 + 31 * 64  # every count up to 32 texts of 64 tokens
+    assert growth_after_warm_up(rss) > 45, f"RSS every {SAMPLE_EVERY} requests: {rss}"
+    assert "may grow" in (tmp_path / "server.log").read_text()  # more shapes than oneDNN's cache of 1,024
 
 
 # -----------------------------------------------------------------------------
-# the setting, the flag, and what the server says
+# the bounded shapes, the flag, and what the server says
 
 
-@pytest.mark.parametrize("value", [-1, GLIBC_MMAP_THRESHOLD_MAX + 1])
-def test_the_flag_refuses_what_mallopt_would(value, capsys):
+def test_packed_padding_bounds_the_shapes_and_leaves_the_logits(tiny_dir):
+    totals = {n + padding_tokens(n, 64, 16) for n in range(1, 32 * 64 + 1)}  # every batch of up to 32 texts of 64
+    assert totals == set(range(1, 65)) | set(range(80, 32 * 64 + 1, 16))
+    assert len(totals) == batch_shapes(64, 32, 16) == 64 + 124
+    assert padding_tokens(64, 64, 16) == 0 and padding_tokens(65, 64, 16) == 15  # one text is never padded
+    model, tokenizer = load_for_inference(str(tiny_dir))
+    assert use_packed_attention(model)
+    ids = tokenizer(["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)], truncation=True, max_length=64)["input_ids"]
+    assert sum(map(len, ids)) % 48 != 0  # the padding is real: 48 does not divide the 224 tokens
+    torch.testing.assert_close(classify_packed(model, ids, max_length=64, multiple=48),
+                               classify_packed(model, ids, max_length=64, multiple=1), rtol=0, atol=1e-5)
+    # padding longer than the model's maximum comes in several "texts", each within its position table
+    torch.testing.assert_close(classify_packed(model, ids, max_length=64, multiple=500),
+                               classify_packed(model, ids, max_length=64, multiple=1), rtol=0, atol=1e-5)
+
+
+def test_padded_rows_are_a_bounded_set_and_the_logits_do_not_change(tiny_dir):
+    widths = {(texts, padded_length(texts, longest, 100, 16)) for texts in range(1, 33) for longest in range(1, 101)}
+    assert len(widths) == batch_shapes(100, 32, 16, packed=False) == 100 + 31 * 7  # 16, 32, ..., 96 and 100
+    assert (padded_length(1, 37, 100, 16), padded_length(2, 37, 100, 16), padded_length(2, 97, 100, 16)) == (37, 48, 100)
+    model, tokenizer = load_for_inference(str(tiny_dir))
+    ids = tokenizer(["great film " * n for n in (9, 1, 29, 4, 2, 6, 9)], truncation=True, max_length=64)["input_ids"]
+    assert all(len(row) % 16 for row in ids)  # 20, 4, 60, 10, 6, 14 and 20 tokens: every chunk gets padding
+    pad = tokenizer.pad_token_id
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    classify_by_length(model, ids, pad, 1_000_000, max_length=64, multiple=16)
+    assert shapes == [(7, 64)]
+    for cost in (1_000_000, 16):  # one chunk (padded to 64, not 60), and a few (the two of 20 tokens to 32)
+        torch.testing.assert_close(classify_by_length(model, ids, pad, cost, max_length=64, multiple=16),
+                                   classify_by_length(model, ids, pad, cost, max_length=64, multiple=1), rtol=0, atol=1e-5)
+
+
+def test_the_flag_refuses_a_multiple_below_one(capsys):
     from serve.app import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model_dir", str(ROOT), "--malloc_mmap_threshold", str(value)])
+        main(["--model_dir", str(ROOT), "--pad_to_multiple_of", "0"])
     assert exit_info.value.code == 2
-    assert "--malloc_mmap_threshold must be 0" in capsys.readouterr().err
-    check_mmap_threshold(0)
-    check_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
+    assert "--pad_to_multiple_of must be a positive integer" in capsys.readouterr().err
+    assert Limits(pad_to_multiple_of=1).pad_to_multiple_of == 1
+
+
+def fake_classifier(packed=True, device_type="cpu"):
+    return SimpleNamespace(packed=packed, device_type=device_type, max_length=512, limits=Limits())
+
+
+def test_describe_and_the_startup_line_say_whether_the_shapes_fit_onednns_cache(monkeypatch, caplog):
+    info = describe(fake_classifier())
+    assert info["batch_shapes"] == 760 and info["pad_to_multiple_of"] == 64
+    assert describe(fake_classifier(packed=False))["batch_shapes"] == 512 + 31 * 8
+    assert (info["onednn_primitive_cache_capacity"], info["onednn_primitive_cache_set_by"]) == (1024, "oneDNN's default")
+    assert info["rss_mb"] > 0 and info["peak_rss_mb"] >= info["rss_mb"]
+    assert describe(None)["batch_shapes"] is None and describe(fake_classifier(device_type="cuda"))["batch_shapes"] is None
+    with caplog.at_level(logging.INFO, logger="memory"):
+        log_setup(fake_classifier())
+    assert "padded to a multiple of 64 tokens (in all, packed): at most 760 shapes, all in oneDNN's primitive cache of 1024" in caplog.text
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    caplog.clear()
+    log_setup(fake_classifier())
+    assert caplog.records[-1].levelname == "WARNING" and "may grow" in caplog.text
+    assert describe(fake_classifier())["onednn_primitive_cache_set_by"] == "ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment"
 
 
 @pytest.mark.skipif(glibc() is None, reason="glibc's malloc")
-def test_describe_says_who_set_the_threshold(monkeypatch):
+def test_the_allocator_is_glibcs_unless_another_is_preloaded():
     assert allocator_name().startswith("glibc ")
-    assert describe(131072)["mmap_threshold"] == 131072
-    assert describe(0)["mmap_threshold"] is None
-    assert describe(0)["rss_mb"] > 0
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert describe(131072)["mmap_threshold"] == 65536
-    assert describe(131072)["mmap_threshold_set_by"] == "MALLOC_MMAP_THRESHOLD_ in the environment"
-
-
-@pytest.mark.skipif(not LIBJEMALLOC.exists(), reason="libjemalloc2 is not installed")
-def test_a_preloaded_malloc_is_named_and_left_alone():
-    code = ("import logging; logging.basicConfig(level=logging.INFO); from serve import memory; "
-            "memory.configure(131072); print(memory.describe(131072)['allocator'])")
+    if not LIBJEMALLOC.exists():
+        pytest.skip("libjemalloc2 is not installed")
+    code = "from serve.memory import describe; print(describe()['allocator'])"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "LD_PRELOAD": str(LIBJEMALLOC)})
     assert done.stdout.strip() == f"jemalloc ({LIBJEMALLOC})"
-    assert "answers malloc; --malloc_mmap_threshold is glibc's, not applied" in done.stderr
