@@ -441,7 +441,7 @@ def add_info(app, cfg, state):
             "batches_run": classifier.worker.batches if classifier else 0,
             "texts_classified": classifier.worker.texts_done if classifier else 0,
             "explain": explain_info(cfg, state.explaining),
-            "memory": memory.describe(classifier),  # the allocator, oneDNN's cache, the packed shapes, RSS
+            "memory": memory.describe(classifier),  # the allocator, oneDNN's cache, the batches' shapes, RSS
             "eval_results_path": eval_path,
             "eval_results": eval_results,
         }

@@ -60,14 +60,30 @@ class Limits:
                           "split by length where the padding saved is worth more. Default: 128 on CPU, no split "
                           "on a GPU"},
     )
+    # Every new shape makes oneDNN create (and cache, up to 1,024) a GELU primitive, and those long-lived
+    # blocks kept glibc from reusing or returning the activations freed around them: the memory grew
+    # for good (serve/memory.py). At 64, a BERT of 512 tokens has at most 760 shapes (512 up to its
+    # maximum, 248 more above it), every one of them cached and created once; the price is under 64
+    # [PAD] tokens a packed batch, under 64 a row of a padded one.
     pad_to_multiple_of: int = field(
         default=64,
         metadata={"help": "on a CPU, a batch of more than one text is padded to a multiple of this many tokens (a "
-                          "packed batch in all, a padded one per row): a bounded set of shapes, each created once by "
-                          "oneDNN, so that the server's memory stops growing (docs/serving.md#memory). 1: no padding"},
+                          "packed batch over the model's maximum in all, a padded one per row): a bounded set of "
+                          "shapes, each created once by oneDNN, so that the server's memory stops growing "
+                          "(docs/serving.md#memory). 1: no padding"},
+    )
+
+    malloc_trim_interval: float = field(
+        default=10.0,
+        metadata={"help": "seconds between two calls of glibc's malloc_trim, made after a batch is answered: the "
+                          "memory freed inside the allocator's arenas goes back to the OS, so the resident size "
+                          "does not stay at the largest batch seen (docs/serving.md#memory). 0: never"},
     )
 
     def __post_init__(self):
+        if not self.malloc_trim_interval >= 0:  # a ValueError: python -m serve says it and exits 2
+            raise ValueError(f"--malloc_trim_interval must be 0 (never) or a number of seconds, not "
+                             f"{self.malloc_trim_interval}")
         if self.pad_to_multiple_of < 1:  # a ValueError: python -m serve says it and exits 2
             raise ValueError(f"--pad_to_multiple_of must be a positive integer (1: no padding), not "
                              f"{self.pad_to_multiple_of}")
@@ -165,10 +181,11 @@ class BatchWorker:
     thread (the metrics).
     """
 
-    def __init__(self, predict_fn, limits, on_batch=None):
+    def __init__(self, predict_fn, limits, on_batch=None, after_batch=None):
         self.predict_fn = predict_fn
         self.limits = limits
         self.on_batch = on_batch
+        self.after_batch = after_batch  # called in this thread once a batch is answered (serve/memory.py's Trimmer)
         self.queue = queue.SimpleQueue()  # (job, row index), one item per text
         self.lock = threading.Lock()  # guards `waiting` and `closed` against concurrent submitters
         self.waiting = 0
@@ -211,6 +228,8 @@ class BatchWorker:
     def run(self):
         while (batch := self.gather()) is not None:
             self.run_batch(batch)
+            if self.after_batch is not None:
+                self.after_batch()
 
     def report(self, inputs, seconds):
         """on_batch, which must not stop the worker: a failing hook is logged, and serving goes on."""

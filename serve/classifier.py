@@ -30,6 +30,7 @@ import torch
 
 from model_utils import bare_tokenizer, count_parameters, device_name, label_names, load_for_inference, model_max_length
 from serve.batching import BatchWorker, InputError
+from serve.memory import Trimmer
 from serve.memory import log_setup as log_memory_setup
 from serve.packed import can_pack, classify_packed, use_packed_attention
 
@@ -81,6 +82,7 @@ def forward_padded(model, ids, pad_token_id, longest=None):
     """One forward pass over `ids` padded on the right to `longest` (default: the longest): logits
     (B, num_labels) in fp32, whatever the model's dtype. (Token types are left to the model: all 0.)"""
     longest = longest or max(len(row) for row in ids)
+    pad_token_id = 0 if pad_token_id is None else pad_token_id  # masked out: any id does (a model may have none)
     input_ids = torch.tensor([row + [pad_token_id] * (longest - len(row)) for row in ids], device=model.device)
     attention_mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in ids], device=model.device)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
@@ -200,7 +202,8 @@ class Classifier:
         # loop in kernel launches: packing is for the CPU, where every padded row costs its full share.
         self.packed = limits.packed and model.device.type == "cpu" and can_pack(model) and use_packed_attention(model)
         batch = partial(classify_texts, self.tokenizers, self.classify_ids_fn(model, tokenizer.pad_token_id))
-        self.worker = BatchWorker(batch, limits)
+        self.trimmer = Trimmer(limits.malloc_trim_interval)  # the pages freed in glibc's arenas, handed back
+        self.worker = BatchWorker(batch, limits, after_batch=self.trimmer)
         log_memory_setup(self)  # the allocator, and the batches' shapes against oneDNN's cache (serve/memory.py)
         self.warm_up()
 

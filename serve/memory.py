@@ -16,8 +16,8 @@ of another size, often did not fit the holes, and the arena grew for good. In us
 changed (+20 MB in 1,000 requests); freed but kept, it grew by hundreds of MB.
 
 The remedy is a bounded shape set (--pad_to_multiple_of, 64 by default): on a CPU, a batch of more
-than one text is padded to a multiple of 64 tokens, a packed batch in all (serve/packed.py), a padded
-one per row (serve/classifier.py). A BERT of 512 tokens and batches of 32 texts then has at most 760
+than one text is padded to a multiple of 64 tokens, a packed batch over the model's maximum in all
+(serve/packed.py), a padded one per row (serve/classifier.py). A BERT of 512 tokens and batches of 32 texts then has at most 760
 shapes, all of them in oneDNN's cache, each created once. Nothing else changes: the allocator is
 glibc's, or whatever the process was started with (LD_PRELOAD), and is named here.
 """
@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import time
 from functools import lru_cache
 
 log = logging.getLogger("memory")
@@ -45,7 +46,7 @@ def batch_shapes(max_length, max_batch_size, multiple, packed=True):
     `multiple` tokens up to max_batch_size texts of max_length. Padded: a text alone, every length up
     to max_length; several, one per `multiple` tokens of the longest, for each number of texts."""
     if packed:
-        return max_length + math.ceil((max_batch_size - 1) * max_length / multiple)
+        return max_length + math.ceil(max_batch_size * max_length / multiple) - max_length // multiple
     return max_length + (max_batch_size - 1) * math.ceil(max_length / multiple)
 
 
@@ -54,7 +55,7 @@ def onednn_cache_capacity():
     oneDNN reads the variable once, at its first primitive: a value set later in the process is ignored."""
     for name in ONEDNN_CACHE_VARIABLES:
         value = os.environ.get(name)
-        if value is not None and value.strip().lstrip("-").isdigit():
+        if value is not None and value.strip().isdigit():
             return int(value), f"{name} in the environment"
     return ONEDNN_CACHE_DEFAULT, "oneDNN's default"
 
@@ -107,6 +108,31 @@ def allocator_name():
     return f"{name} {version}".strip() if name else f"the C library's malloc ({platform.system()})"
 
 
+def uses_glibc_malloc():
+    return glibc() is not None and allocator_name().startswith("glibc")
+
+
+class Trimmer:
+    """After a batch, at most once every `interval` seconds: glibc's malloc_trim(0), which hands the
+    whole pages that are free inside every arena back to the OS (madvise). Without it the arenas keep
+    the pages of the largest batch seen so far, and each rarer, larger batch raises that for good (a
+    step in the RSS every few thousand requests). What it costs: those pages are zero-filled again
+    when the next batches reuse them, once per interval instead of once per batch (BENCHMARKS.md).
+    Under another malloc (LD_PRELOAD), nothing is called: it returns memory in its own way."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.enabled = interval > 0 and uses_glibc_malloc()
+        self.last = time.monotonic()
+        self.trims = 0
+
+    def __call__(self):
+        if self.enabled and time.monotonic() - self.last >= self.interval:
+            glibc().malloc_trim(0)
+            self.last = time.monotonic()
+            self.trims += 1
+
+
 def describe(classifier=None):
     """GET /info's "memory": the allocator, oneDNN's primitive cache, the shapes a batch can have
     (None before the model is loaded, or off the CPU, where oneDNN does not run), RSS now and at its peak."""
@@ -117,6 +143,8 @@ def describe(classifier=None):
         shapes = batch_shapes(classifier.max_length, classifier.limits.max_batch_size, multiple, classifier.packed)
     return {"allocator": allocator_name(), "onednn_primitive_cache_capacity": capacity,
             "onednn_primitive_cache_set_by": set_by, "batch_shapes": shapes, "pad_to_multiple_of": multiple,
+            "malloc_trim_interval": classifier.trimmer.interval if classifier and classifier.trimmer.enabled else None,
+            "malloc_trims": classifier.trimmer.trims if classifier else 0,
             **(proc_status_mb() if os.path.exists("/proc/self/status") else {})}
 
 
@@ -127,7 +155,7 @@ def log_setup(classifier):
     capacity, shapes, multiple = info["onednn_primitive_cache_capacity"], info["batch_shapes"], info["pad_to_multiple_of"]
     if shapes is None:
         log.info("memory: %s malloc, on a %s", info["allocator"], classifier.device_type)
-    elif capacity < shapes:
+    elif 0 < capacity < shapes:  # 0: no cache at all, each primitive made and freed at every pass
         log.warning("memory: %s malloc; batches have up to %d shapes (--pad_to_multiple_of %d), more than oneDNN's "
                     "primitive cache holds (%d, %s): primitives are evicted and created again, and the server's "
                     "memory may grow (docs/serving.md#memory)", info["allocator"], shapes, multiple, capacity,
@@ -135,7 +163,14 @@ def log_setup(classifier):
     else:
         log.info("memory: %s malloc; batches of several texts are padded to a multiple of %d tokens (%s): at most "
                  "%d shapes, all in oneDNN's primitive cache of %d (docs/serving.md#memory)", info["allocator"],
-                 multiple, "in all, packed" if classifier.packed else "per row", shapes, capacity)
+                 multiple, "packed, in all, over the model's maximum" if classifier.packed else "per row", shapes,
+                 capacity)
+    trimmer = classifier.trimmer
+    if trimmer.enabled:
+        log.info("memory: glibc's malloc_trim after a batch, at most every %g s: freed pages go back to the OS "
+                 "(--malloc_trim_interval)", trimmer.interval)
+    elif trimmer.interval > 0:
+        log.info("memory: %s answers malloc: --malloc_trim_interval is glibc's, not applied", info["allocator"])
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ so those matmuls, most of the work, run once on one tall matrix with no wasted r
 must not mix texts: `packed_sdpa` runs it text by text, between the offsets in `cu_seq_lens_q`
 (the name flash-attention's variable-length kernels use; TEI packs BERT batches with those on GPUs).
 A batch over the model's maximum ends with a few [PAD] tokens of its own, so that the token counts
-are a bounded set (PAD_TO_MULTIPLE_OF: why the server's memory needs that).
+are a bounded set (--pad_to_multiple_of; why the server's memory needs that: docs/serving.md#memory).
 
     if can_pack(model) and use_packed_attention(model):
         logits = classify_packed(model, ids)   # ids: token ids per text, truncated; (len(ids), num_labels)
@@ -22,13 +22,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_ATTENTION = "packed_sdpa"
-# A packed batch over the model's maximum is padded to a multiple of this many tokens. Every new
-# shape makes oneDNN create (and cache, up to 1,024) a new GELU primitive, and those long-lived blocks
-# kept the batching worker's glibc arena from reusing or returning the activations freed around
-# them: the server's memory grew for good (docs/serving.md#memory). With at most 512 shapes up to the
-# maximum and one per 64 tokens above it (248 more at 32 texts of 512), every shape fits in oneDNN's
-# cache and is created once. The price is under 64 [PAD] tokens a batch.
-PAD_TO_MULTIPLE_OF = 64
 
 
 def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs):
@@ -68,14 +61,14 @@ def use_packed_attention(model):
     return model.config._attn_implementation == PACKED_ATTENTION
 
 
-def padding_tokens(total, max_length, multiple=PAD_TO_MULTIPLE_OF):
+def padding_tokens(total, max_length, multiple=1):
     """[PAD] tokens to add to a packed batch of `total` tokens: none up to the model's maximum (a
     batch of one text, at most max_length shapes), else up to the next multiple of `multiple`."""
     return 0 if total <= max_length else -total % multiple
 
 
 @torch.inference_mode()
-def classify_packed(model, ids, max_length=512, multiple=PAD_TO_MULTIPLE_OF):
+def classify_packed(model, ids, max_length=512, multiple=1):
     """Logits (len(ids), num_labels) in float32, in input order, from one forward pass with no padding.
 
     `ids`: each text's token ids, special tokens included, already truncated to the model's maximum.
@@ -85,7 +78,7 @@ def classify_packed(model, ids, max_length=512, multiple=PAD_TO_MULTIPLE_OF):
 
     A batch of more than `max_length` tokens is rounded up to a multiple of `multiple` by one more
     "text" of [PAD] tokens, which attends only to itself and whose output is dropped: the texts' logits
-    do not change, and the pass has one of a bounded set of shapes (why: PAD_TO_MULTIPLE_OF).
+    do not change, and the pass has one of a bounded set of shapes (serve/memory.py: why).
     """
     lengths = [len(row) for row in ids]
     pad = padding_tokens(sum(lengths), max_length, multiple)

@@ -165,7 +165,7 @@ def test_info(tiny_dir, tmp_path):
     assert info["packed"] is True  # a BERT model on a CPU
     assert info["limits"] == {"max_inputs": 32, "max_chars": 100_000, "max_batch_size": 32, "max_wait_ms": 5.0,
                               "max_queue": 512, "packed": True, "dtype": None, "forward_cost_tokens": None,
-                              "pad_to_multiple_of": 64, "max_body_bytes": 2 * 1024 * 1024}
+                              "pad_to_multiple_of": 64, "malloc_trim_interval": 10.0, "max_body_bytes": 2 * 1024 * 1024}
     assert (info["device"], info["dtype"]) == ("cpu", "float32")  # --dtype unset: float32 on a CPU
     assert info["device_name"] == model_utils.device_name("cpu") and info["device_name"]
 

@@ -29,8 +29,8 @@ from conftest import free_port
 from model_utils import load_for_inference
 from models import LABELS, ROOT, WORDPIECE_VOCAB, WORDS, save_tiny_bert
 from serve.batching import Limits
-from serve.classifier import classify_by_length, padded_length
-from serve.memory import allocator_name, batch_shapes, describe, glibc, log_setup, proc_status_mb
+from serve.classifier import Classifier, classify_by_length, padded_length
+from serve.memory import Trimmer, allocator_name, batch_shapes, describe, glibc, log_setup, proc_status_mb
 from serve.packed import classify_packed, padding_tokens, use_packed_attention
 
 LIBJEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
@@ -141,13 +141,19 @@ def test_packed_padding_bounds_the_shapes_and_leaves_the_logits(tiny_dir):
     totals = {n + padding_tokens(n, 64, 16) for n in range(1, 32 * 64 + 1)}  # every batch of up to 32 texts of 64
     assert totals == set(range(1, 65)) | set(range(80, 32 * 64 + 1, 16))
     assert len(totals) == batch_shapes(64, 32, 16) == 64 + 124
-    assert padding_tokens(64, 64, 16) == 0 and padding_tokens(65, 64, 16) == 15  # one text is never padded
+    uneven = {n + padding_tokens(n, 100, 64) for n in range(1, 2 * 100 + 1)}  # 64 does not divide 100: 128, 192, 256
+    assert len(uneven) == batch_shapes(100, 2, 64) == 103
+    assert padding_tokens(64, 64, 16) == 0 and padding_tokens(65, 64, 16) == 15  # within the maximum: never padded
     model, tokenizer = load_for_inference(str(tiny_dir))
     assert use_packed_attention(model)
     ids = tokenizer(["great film " * n for n in (9, 1, 30, 4, 2, 50, 1, 7)], truncation=True, max_length=64)["input_ids"]
-    assert sum(map(len, ids)) % 48 != 0  # the padding is real: 48 does not divide the 224 tokens
+    assert sum(map(len, ids)) == 186  # 48 does not divide it: the padding is real
+    shapes = []
+    model.bert.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     torch.testing.assert_close(classify_packed(model, ids, max_length=64, multiple=48),
                                classify_packed(model, ids, max_length=64, multiple=1), rtol=0, atol=1e-5)
+    assert shapes == [(1, 192), (1, 186)]
     # padding longer than the model's maximum comes in several "texts", each within its position table
     torch.testing.assert_close(classify_packed(model, ids, max_length=64, multiple=500),
                                classify_packed(model, ids, max_length=64, multiple=1), rtol=0, atol=1e-5)
@@ -171,6 +177,25 @@ def test_padded_rows_are_a_bounded_set_and_the_logits_do_not_change(tiny_dir):
                                    classify_by_length(model, ids, pad, cost, max_length=64, multiple=1), rtol=0, atol=1e-5)
 
 
+def test_the_server_pads_what_it_runs(tiny_dir):
+    """The flag reaches the model: the shapes the worker's forward passes get, packed and padded."""
+    short, long = ["great film " * 20, "dull " * 10], ["great film " * 20, "dull " * 10, "great " * 20]
+    for packed in (True, False):
+        with Classifier(str(tiny_dir), Limits(packed=packed, pad_to_multiple_of=64), "cpu") as classifier:
+            shapes = []
+            module = classifier.model.bert.embeddings if packed else classifier.model
+            module.register_forward_pre_hook(
+                lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+            lengths = [len(row) for row in classifier.encode(long)]
+            assert lengths[0] > lengths[2] > lengths[1] and 64 < sum(lengths) < 128 and sum(lengths[:2]) <= 64
+            classifier.predict(short)
+            classifier.predict(long)
+            if packed:  # within the model's maximum as they are; over it, rounded up to 128
+                assert shapes == [(1, sum(lengths[:2])), (1, 128)]
+            else:  # every row to the longest rounded up to 64 (one chunk: the split is not worth a pass here)
+                assert shapes == [(2, 64), (3, 64)]
+
+
 def test_the_flag_refuses_a_multiple_below_one(capsys):
     from serve.app import main
 
@@ -178,11 +203,15 @@ def test_the_flag_refuses_a_multiple_below_one(capsys):
         main(["--model_dir", str(ROOT), "--pad_to_multiple_of", "0"])
     assert exit_info.value.code == 2
     assert "--pad_to_multiple_of must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_dir", str(ROOT), "--malloc_trim_interval", "-1"])
+    assert exit_info.value.code == 2
+    assert "--malloc_trim_interval must be 0 (never) or a number of seconds, not -1.0" in capsys.readouterr().err
     assert Limits(pad_to_multiple_of=1).pad_to_multiple_of == 1
 
 
 def fake_classifier(packed=True, device_type="cpu"):
-    return SimpleNamespace(packed=packed, device_type=device_type, max_length=512, limits=Limits())
+    return SimpleNamespace(packed=packed, device_type=device_type, max_length=512, limits=Limits(), trimmer=Trimmer(10))
 
 
 def test_describe_and_the_startup_line_say_whether_the_shapes_fit_onednns_cache(monkeypatch, caplog):
@@ -194,7 +223,7 @@ def test_describe_and_the_startup_line_say_whether_the_shapes_fit_onednns_cache(
     assert describe(None)["batch_shapes"] is None and describe(fake_classifier(device_type="cuda"))["batch_shapes"] is None
     with caplog.at_level(logging.INFO, logger="memory"):
         log_setup(fake_classifier())
-    assert "padded to a multiple of 64 tokens (in all, packed): at most 760 shapes, all in oneDNN's primitive cache of 1024" in caplog.text
+    assert "padded to a multiple of 64 tokens (packed, in all, over the model's maximum): at most 760 shapes, all in oneDNN's primitive cache of 1024" in caplog.text
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
     caplog.clear()
     log_setup(fake_classifier())
@@ -211,3 +240,36 @@ def test_the_allocator_is_glibcs_unless_another_is_preloaded():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "LD_PRELOAD": str(LIBJEMALLOC)})
     assert done.stdout.strip() == f"jemalloc ({LIBJEMALLOC})"
+
+
+TRIM_CODE = """
+import ctypes, json, time
+from serve.memory import Trimmer, proc_status_mb
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 * 1024) for _ in range(3000)]  # under the mmap threshold: from the heap
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)  # touched: resident
+for i, block in enumerate(blocks):
+    if i % 10:  # every 10th stays, so the heap's top cannot shrink: the free pages are inside it
+        libc.free(block)
+freed = proc_status_mb()["rss_mb"]
+trimmer = Trimmer(0.01)
+trimmer()  # too soon: nothing
+soon = proc_status_mb()["rss_mb"]
+time.sleep(0.02)
+trimmer()
+print(json.dumps({"freed": freed, "soon": soon, "trimmed": proc_status_mb()["rss_mb"], "trims": trimmer.trims}))
+"""
+
+
+@pytest.mark.skipif(glibc() is None, reason="malloc_trim is glibc's")
+def test_the_trimmer_hands_freed_pages_back_at_most_once_an_interval():
+    done = subprocess.run([sys.executable, "-c", TRIM_CODE], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rss = json.loads(done.stdout)
+    assert rss["trims"] == 1
+    assert rss["freed"] - rss["soon"] < 5  # freed but kept: 170 MB of the 190 touched stay resident
+    assert rss["freed"] - rss["trimmed"] > 120, rss  # handed back
+    assert Trimmer(0).enabled is False
