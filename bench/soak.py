@@ -27,10 +27,11 @@ Each server is its own process, started as a user starts it (`python -m serve`, 
 uvicorn `uvicorn serve.app:app_from_env --factory`), with what --server adds to its environment
 (SERVE_<FLAG> variables become flags of python -m serve, as the uvicorn factory reads them).
 Several servers take turns of --sample_every requests each, so they see the same requests under the
-same machine load; each one's RSS (/proc/<pid>/status) is read at the end of each of its turns, with
-nothing in flight. Prints a table (requests vs RSS per server), writes a PNG of the same into --out,
-and one pass line per server and load: RSS at --check_to requests within --max_growth of RSS at
---check_from, and every answer right. Exit code 1 if a server of this checkout fails that (the
+same machine load; each one's peak RSS during each of its turns is read at the turn's end
+(/proc/<pid>/status's VmHWM, reset before the turn: reset_peak_rss), and its RSS at that moment.
+Prints a table (requests vs peak RSS per server), writes a PNG of the same into --out, and one pass
+line per server and load: the peak RSS of the turn ending at --check_to requests within --max_growth
+of the turn ending at --check_from, and every answer right. Exit code 1 if a server of this checkout fails that (the
 --compare_dir one is reported only).
 """
 
@@ -250,8 +251,10 @@ class Server:
     max_requests: int = None  # stop this one after so many (None: the whole run)
     process: subprocess.Popen = None
     probe_out: Path = None
-    rss: list = field(default_factory=list)  # (requests so far, RSS MB)
+    rss: list = field(default_factory=list)  # (requests so far, the turn's peak RSS MB)
+    rss_end: list = field(default_factory=list)  # (requests so far, RSS MB as the turn ended)
     seconds: float = 0.0
+    turn_seconds: list = field(default_factory=list)
     wrong: list = field(default_factory=list)
     info: dict = None
 
@@ -333,6 +336,7 @@ def soak(servers, load, requests, args, reference, labels, model_dir, out_dir):
         for server in servers:
             asyncio.run(wait_healthy(server))
             server.rss.append((0, proc_status_mb(server.process.pid)["rss_mb"]))
+            server.rss_end.append(server.rss[-1])
             if args.probe:
                 probe_sample(server)
         turns = range(0, len(requests), args.sample_every)
@@ -341,14 +345,19 @@ def soak(servers, load, requests, args, reference, labels, model_dir, out_dir):
             for server in (servers if turn % 2 == 0 else servers[::-1]):
                 if server.max_requests is not None and begin >= server.max_requests:
                     continue
+                reset_peak_rss(server.process.pid)
                 seconds, wrong = asyncio.run(run_turn(server.url, chunk, args.concurrency, reference, labels))
                 done = begin + len(chunk)
                 server.seconds += seconds
+                server.turn_seconds.append(seconds)
                 server.wrong += [f"request {begin}+: {w}" for w in wrong]
-                server.rss.append((done, proc_status_mb(server.process.pid)["rss_mb"]))
+                status = proc_status_mb(server.process.pid)
+                server.rss.append((done, status["peak_rss_mb"]))
+                server.rss_end.append((done, status["rss_mb"]))
                 if args.probe:
                     probe_sample(server, last=done == len(requests))
-                print(f"  {load:6} {server.name:24} {done:7,} requests  RSS {server.rss[-1][1]:7.1f} MB  "
+                print(f"  {load:6} {server.name:24} {done:7,} requests  peak RSS {server.rss[-1][1]:7.1f} MB  "
+                      f"at the end {server.rss_end[-1][1]:7.1f} MB  "
                       f"{len(chunk) / seconds:5.1f} req/s  wrong {len(server.wrong)}", flush=True)
     finally:
         for server in servers:
@@ -390,6 +399,15 @@ def train_soak(args, out_dir):
 # report
 
 
+def reset_peak_rss(pid):
+    """Start the process's peak RSS (VmHWM) again from its RSS now: what a turn needed at its worst is
+    then its VmHWM at the end. The RSS at one instant depends on where the allocator is in its cycle
+    (a malloc_trim just before, or a large batch); the peak over 1,000 requests is what the OS must
+    find room for. Linux's clear_refs, value 5 (the process's owner or root)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 def rss_at(server, requests):
     """RSS after `requests` requests, or after the last sample before that when the run was shorter."""
     return [mb for done, mb in server.rss if done <= requests][-1]
@@ -402,15 +420,15 @@ def verdict(server, args):
     growth = after / before - 1
     ok = growth <= args.max_growth and not server.wrong and done >= args.check_to
     shortfall = "" if done >= args.check_to else f" (stopped at {done:,}: too short to pass)"
-    return ok, (f"{'PASS' if ok else 'FAIL'}: {server.name}: RSS {after:.0f} MB after {to:,} requests, "
-                f"{before:.0f} MB after {args.check_from:,}: {growth:+.1%} (limit {args.max_growth:+.0%}); "
+    return ok, (f"{'PASS' if ok else 'FAIL'}: {server.name}: peak RSS {after:.0f} MB in the turn to {to:,} requests, "
+                f"{before:.0f} MB in the turn to {args.check_from:,}: {growth:+.1%} (limit {args.max_growth:+.0%}); "
                 f"{done:,} requests, {len(server.wrong)} wrong answers{shortfall}")
 
 
 def table(results, loads):
     """Markdown: requests, then RSS MB per (load, server)."""
     columns = [(load, server) for load in loads for server in results[load]]
-    lines = ["| requests | " + " | ".join(f"{load}: {s.name}, RSS MB" for load, s in columns) + " |",
+    lines = ["| requests | " + " | ".join(f"{load}: {s.name}, peak RSS MB" for load, s in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     marks = sorted({done for _, s in columns for done, _ in s.rss})
     for done in marks:
@@ -432,7 +450,8 @@ def picture(results, loads, path, args):
             done, mb = zip(*server.rss)
             ax.plot(done, mb, marker=".", label=server.name)
         ax.axvspan(args.check_from, args.check_to, color="0.92", zorder=0, label="the pass window")
-        ax.set(title=f"{load} load, concurrency {args.concurrency}", xlabel="requests", ylabel="server RSS (MB)")
+        ax.set(title=f"{load} load, concurrency {args.concurrency}", xlabel="requests",
+               ylabel=f"server's peak RSS per {args.sample_every:,} requests (MB)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -514,7 +533,8 @@ def main():
                 print(f"    /info memory: {server.info.get('memory')}")
     picture(results, args.load, out_dir / "soak.png", args)
     with open(out_dir / "soak.json", "w") as f:
-        json.dump({load: [{"name": s.name, "env": s.env, "rss": s.rss, "seconds": s.seconds, "wrong": s.wrong[:50],
+        json.dump({load: [{"name": s.name, "env": s.env, "peak_rss": s.rss, "rss_end": s.rss_end, "seconds": s.seconds,
+                           "turn_seconds": s.turn_seconds, "wrong": s.wrong[:50],
                            "info_memory": (s.info or {}).get("memory")} for s in results[load]]
                    for load in args.load}, f, indent=1)
     print(f"picture: {out_dir / 'soak.png'}")
