@@ -16,8 +16,9 @@ Suspects (each run prints its resident memory, RSS, every --every batches or cal
     cpu-speed-reuse           cpu_speed.reuse_freed_memory(), as train_loop.py sets it (never returned)
     jemalloc, tcmalloc        the distribution's libjemalloc2 / libtcmalloc-minimal4 through LD_PRELOAD
     server                    what the server does now: glibc as it comes, packed batches over the
-                              model's maximum padded to a multiple of 64 tokens (a bounded shape set)
-  Every variant but `server` runs with --pad_to_multiple_of 1: a new shape nearly every batch, as before.
+                              model's maximum padded to a multiple of 64 tokens (a bounded shape set),
+                              glibc's malloc_trim every 10 s and after each explanation
+  Every variant but `server` runs with --pad_to_multiple_of 1 and --malloc_trim_interval 0, as before the fix.
 - tokenizer: the Rust tokenizer's encode_batch alone, on the same reviews.
 - explainer: POST /explain's engine alone (serve/explaining.py), short reviews one after another,
   under the same settings.
@@ -43,7 +44,7 @@ from models import IMDB_TEST, save_minilm_classifier  # noqa: E402
 PROG = "python -m bench.memory_suspects"
 LIBDIR = "/usr/lib/x86_64-linux-gnu"
 # name -> what the run's environment adds; SUSPECT_PAD_TO_MULTIPLE_OF is the server's --pad_to_multiple_of
-GLIBC_DYNAMIC = {"SUSPECT_PAD_TO_MULTIPLE_OF": "1"}  # glibc as it comes, a new shape nearly every batch: before the fix
+GLIBC_DYNAMIC = {"SUSPECT_PAD_TO_MULTIPLE_OF": "1", "SUSPECT_MALLOC_TRIM_INTERVAL": "0"}  # glibc as it comes, a new shape nearly every batch: before the fix
 VARIANTS = {
     "glibc": GLIBC_DYNAMIC,
     "onednn-cache-0": {**GLIBC_DYNAMIC, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"},
@@ -54,15 +55,16 @@ VARIANTS = {
     "cpu-speed-reuse": {**GLIBC_DYNAMIC, "SUSPECT_REUSE_FREED_MEMORY": "1"},
     "jemalloc": {**GLIBC_DYNAMIC, "LD_PRELOAD": f"{LIBDIR}/libjemalloc.so.2"},
     "tcmalloc": {**GLIBC_DYNAMIC, "LD_PRELOAD": f"{LIBDIR}/libtcmalloc_minimal.so.4"},
-    "server": {},  # the server as it runs now: a bounded set of packed shapes (serve/packed.py)
+    "server": {},  # the server as it runs now: bounded shapes (serve/packed.py), malloc_trim (serve/memory.py)
 }
 
 
 def limits():
     from serve.batching import Limits
 
-    value = os.environ.get("SUSPECT_PAD_TO_MULTIPLE_OF")
-    return Limits() if value is None else Limits(pad_to_multiple_of=int(value))
+    changes = {name: kind(os.environ[f"SUSPECT_{name.upper()}"]) for name, kind in
+               (("pad_to_multiple_of", int), ("malloc_trim_interval", float)) if f"SUSPECT_{name.upper()}" in os.environ}
+    return Limits(**changes)
 
 
 def rss_mb():
@@ -131,7 +133,8 @@ def run_explainer(model_dir, batches, every, seed):
 
     rng = random.Random(seed)
     pool = [t for t in reviews(2000, seed) if len(t) < 300]
-    explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32), "cpu")
+    explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32,
+                                                            malloc_trim_interval=limits().malloc_trim_interval), "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
     for i in range(1, batches + 1):
         explaining.submit(rng.choice(pool), "right").result()

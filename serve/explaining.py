@@ -34,6 +34,7 @@ import torch
 
 from training.explain import Explainer
 from model_utils import load_for_inference
+from serve.memory import Trimmer
 
 log = logging.getLogger("explain")
 
@@ -64,9 +65,12 @@ class ShuttingDown(RuntimeError):
 
 def load_explaining(model_dir, cfg, device):
     """The explainer's own float32 copy of the model, set up and warmed up; the web app's loader.
-    `cfg` holds max_concurrent_explains and explain_n_steps (serve/app.py's ServeConfig)."""
+    `cfg` holds max_concurrent_explains, explain_n_steps and malloc_trim_interval (serve/app.py's ServeConfig).
+    An explanation's forward and backward passes are the largest allocations the server makes, in
+    this thread's own arena: after each one glibc hands the freed pages back (0: never)."""
     model, tokenizer = load_for_inference(model_dir, device, torch.float32)
-    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps)
+    trim = Trimmer(1e-9) if cfg.malloc_trim_interval else None  # after every explanation: each is seconds long
+    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps, after=trim)
 
 
 # -----------------------------------------------------------------------------
@@ -76,8 +80,9 @@ def load_explaining(model_dir, cfg, device):
 class Explaining:
     """An Explainer (from training/explain.py) run by one thread of its own, with a cap on admitted explanations."""
 
-    def __init__(self, explainer, max_concurrent, n_steps, chunk_tokens=CHUNK_TOKENS):
+    def __init__(self, explainer, max_concurrent, n_steps, chunk_tokens=CHUNK_TOKENS, after=None):
         self.explainer = explainer
+        self.after = after  # called in the thread after each explanation (a memory.Trimmer)
         self.max_concurrent = max_concurrent
         self.n_steps = n_steps
         self.chunk_tokens = chunk_tokens
@@ -145,6 +150,8 @@ class Explaining:
                 future.set_exception(err)
             except Exception as err:  # a failed model: that caller gets the error (a 500, logged)
                 future.set_exception(err)
+            if self.after is not None:
+                self.after()
 
     def explain(self, text, side):
         """(Explanation, seconds): every class explained, in chunks of about chunk_tokens tokens."""
