@@ -69,8 +69,9 @@ def load_explaining(model_dir, cfg, device):
     An explanation's forward and backward passes are the largest allocations the server makes, in
     this thread's own arena: after each one glibc hands the freed pages back (0: never)."""
     model, tokenizer = load_for_inference(model_dir, device, torch.float32)
-    trim = Trimmer(1e-9) if cfg.malloc_trim_interval else None  # after every explanation: each is seconds long
-    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps, after=trim)
+    trimmer = Trimmer(cfg.malloc_trim_interval)  # disabled at 0, or under another malloc
+    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps,
+                      after=trimmer.trim)
 
 
 # -----------------------------------------------------------------------------
@@ -82,7 +83,7 @@ class Explaining:
 
     def __init__(self, explainer, max_concurrent, n_steps, chunk_tokens=CHUNK_TOKENS, after=None):
         self.explainer = explainer
-        self.after = after  # called in the thread after each explanation (a memory.Trimmer)
+        self.after = after  # called in the thread after each explanation
         self.max_concurrent = max_concurrent
         self.n_steps = n_steps
         self.chunk_tokens = chunk_tokens
@@ -150,7 +151,7 @@ class Explaining:
                 future.set_exception(err)
             except Exception as err:  # a failed model: that caller gets the error (a 500, logged)
                 future.set_exception(err)
-            if self.after is not None:
+            if self.after is not None:  # e.g. memory.Trimmer.trim
                 self.after()
 
     def explain(self, text, side):

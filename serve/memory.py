@@ -17,9 +17,10 @@ changed (+20 MB in 1,000 requests); freed but kept, it grew by hundreds of MB.
 
 The remedy is a bounded shape set (--pad_to_multiple_of, 64 by default): on a CPU, a batch of more
 than one text is padded to a multiple of 64 tokens, a packed batch over the model's maximum in all
-(serve/packed.py), a padded one per row (serve/classifier.py). A BERT of 512 tokens and batches of 32 texts then has at most 760
-shapes, all of them in oneDNN's cache, each created once. Nothing else changes: the allocator is
-glibc's, or whatever the process was started with (LD_PRELOAD), and is named here.
+(serve/packed.py), a padded one per row (serve/classifier.py). A BERT of 512 tokens and batches of
+32 texts then has at most 760 shapes, all of them in oneDNN's cache, each created once. What the
+arenas still keep after a batch larger than any before, Trimmer hands back (--malloc_trim_interval).
+The allocator is glibc's, or whatever the process was started with (LD_PRELOAD), and is named here.
 """
 
 import ctypes
@@ -127,7 +128,13 @@ class Trimmer:
         self.trims = 0
 
     def __call__(self):
-        if self.enabled and time.monotonic() - self.last >= self.interval:
+        """After a batch: trim if `interval` seconds have passed since the last trim."""
+        if time.monotonic() - self.last >= self.interval:
+            self.trim()
+
+    def trim(self):
+        """Trim now (when enabled): after an explanation, seconds long and the largest allocation."""
+        if self.enabled:
             glibc().malloc_trim(0)
             self.last = time.monotonic()
             self.trims += 1
