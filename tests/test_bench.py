@@ -28,3 +28,47 @@ def test_matmul_peak_is_flops_over_time():
     """Bounded by what the machine can do: a small matmul on this CPU is between 0.1 and 10,000 GFLOP/s."""
     peak = matmul_peak(size=128, seconds=0.05, trials=2)
     assert math.isfinite(peak) and 1e8 < peak < 1e13
+
+
+def soak_args(**overrides):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"check_from": 10_000, "check_to": 50_000, "window": 10_000, "max_growth": 0.05, **overrides})
+
+
+def test_the_mixed_soak_explains_the_same_reviews_in_the_windows_it_compares():
+    from bench.soak import EXPLAIN_EVERY, make_requests
+
+    short, long = [f"review {i}" for i in range(200)], ["a long review"]
+    requests = make_requests("mixed", 50_000, short, long, seed=0, explain_cycle=10)
+    explained = [r.texts[0] for r in requests if r.kind == "explain"]
+    assert len(explained) == 50_000 // EXPLAIN_EVERY == 50
+    assert len(set(explained)) == 10 and explained[:10] * 5 == explained  # ten reviews, round and round
+    # the rest is drawn afresh: the windows 1-10,000 and 40,001-50,000 carry different requests
+    rest = lambda begin: [r.body for r in requests[begin:begin + 10_000] if r.kind != "explain"]
+    assert sum(a == b for a, b in zip(rest(0), rest(40_000))) < 2_000
+    assert make_requests("mixed", 50_000, short, long, seed=0, explain_cycle=10) == requests  # the same for every server
+
+
+def test_the_soak_verdict_compares_medians_of_ten_turns():
+    from types import SimpleNamespace
+
+    from bench.soak import verdict, window_growth
+
+    flat = [(0, 600)] + [(1000 * i, 1000 + (200 if i % 7 == 0 else 0)) for i in range(1, 51)]  # a 20% spike every 7th turn
+    assert window_growth(flat, 10_000, 50_000, 10_000) == (1000, 1000, 0)
+    server = SimpleNamespace(name="app", rss=flat, rss_end=[(done, mb - 300) for done, mb in flat], wrong=[])
+    ok, line = verdict(server, soak_args())
+    assert ok and line.startswith("PASS: app: median peak RSS per turn 1000 MB over requests 40,000-50,000")
+    # one spike in the last turn alone: a turn-against-turn line would say +20%; the median says 0
+    assert flat[50] == (50_000, 1000) and flat[49] == (49_000, 1200)
+    growing = [(done, 1000 + done / 1000) for done, _ in flat]  # 1 MB per 1,000 requests: 1005.5 -> 1045.5
+    server.rss = growing
+    assert window_growth(growing, 10_000, 50_000, 10_000)[:2] == (1005.5, 1045.5)
+    assert verdict(server, soak_args())[0]  # +4.0%
+    assert not verdict(server, soak_args(max_growth=0.03))[0]
+    server.rss, server.wrong = flat, ["request 12+: status 500"]
+    assert verdict(server, soak_args())[1].startswith("FAIL")
+    server.wrong = []
+    short_run = SimpleNamespace(name="app", rss=flat[:21], rss_end=flat[:21], wrong=[])
+    assert verdict(short_run, soak_args())[1].endswith("(stopped at 20,000: too short to pass)")
