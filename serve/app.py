@@ -456,6 +456,8 @@ def explain_info(cfg, explaining):
         "dtype": "float32" if cfg.max_concurrent_explains > 0 else None,  # always: the copy's, not the server's
         "admitted": explaining.admitted if explaining else 0,  # running or waiting for the explainer's thread
         "explanations": explaining.explanations if explaining else 0,  # answered (the warm-up not counted)
+        # glibc's malloc_trim after each one (serve/memory.py): 0 under another malloc or --malloc_trim_interval 0
+        "malloc_trims": explaining.trimmer.trims if explaining and explaining.trimmer else 0,
     }
 
 

@@ -70,8 +70,7 @@ def load_explaining(model_dir, cfg, device):
     this thread's own arena: after each one glibc hands the freed pages back (0: never)."""
     model, tokenizer = load_for_inference(model_dir, device, torch.float32)
     trimmer = Trimmer(cfg.malloc_trim_interval)  # disabled at 0, or under another malloc
-    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps,
-                      after=trimmer.trim)
+    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps, trimmer=trimmer)
 
 
 # -----------------------------------------------------------------------------
@@ -81,9 +80,9 @@ def load_explaining(model_dir, cfg, device):
 class Explaining:
     """An Explainer (from training/explain.py) run by one thread of its own, with a cap on admitted explanations."""
 
-    def __init__(self, explainer, max_concurrent, n_steps, chunk_tokens=CHUNK_TOKENS, after=None):
+    def __init__(self, explainer, max_concurrent, n_steps, chunk_tokens=CHUNK_TOKENS, trimmer=None):
         self.explainer = explainer
-        self.after = after  # called in the thread after each explanation
+        self.trimmer = trimmer  # a memory.Trimmer: trims in the thread after each explanation (None: never)
         self.max_concurrent = max_concurrent
         self.n_steps = n_steps
         self.chunk_tokens = chunk_tokens
@@ -151,8 +150,8 @@ class Explaining:
                 future.set_exception(err)
             except Exception as err:  # a failed model: that caller gets the error (a 500, logged)
                 future.set_exception(err)
-            if self.after is not None:  # e.g. memory.Trimmer.trim
-                self.after()
+            if self.trimmer is not None:
+                self.trimmer.trim()
 
     def explain(self, text, side):
         """(Explanation, seconds): every class explained, in chunks of about chunk_tokens tokens."""

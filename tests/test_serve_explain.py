@@ -30,6 +30,7 @@ from models import IMDB_TEST, ROOT
 from serve.app import EXPLAIN_OFF, STOPPED_BY_SHUTDOWN, ServeConfig, create_app, parse_config, validate_config
 from serve.classifier import Classifier
 from serve.explaining import Explaining, ShuttingDown, load_explaining
+from serve.memory import uses_glibc_malloc
 
 TEXT = "A wonderful  film,\n truly awful 😍 ending.\tSuperb cast!"  # double spaces, a newline, a tab, an emoji
 SLOW = "slow: "  # the gated explainer waits at texts that start so
@@ -324,9 +325,13 @@ def test_info_shows_the_cap_and_the_steps(tiny_dir):
     with serve(tiny_dir, max_concurrent_explains=3, explain_n_steps=8) as c:
         wait_ready(c)
         assert c.get("/info").json()["explain"] == {"enabled": True, "max_concurrent_explains": 3, "n_steps": 8,
-                                                    "dtype": "float32", "admitted": 0, "explanations": 0}
+                                                    "dtype": "float32", "admitted": 0, "explanations": 0,
+                                                    "malloc_trims": 0}
         assert explain(c, "great film")["n_steps"] == 8
-        assert c.get("/info").json()["explain"]["explanations"] == 1
+        assert explain(c, "dull film")["n_steps"] == 8
+        info = c.get("/info").json()["explain"]
+        assert info["explanations"] == 2
+        assert info["malloc_trims"] == (2 if uses_glibc_malloc() else 0)  # the explainer's thread, after each one
         schema = c.get("/openapi.json").json()
     operation = schema["paths"]["/explain"]["post"]
     assert set(operation["responses"]) == {"200", "400", "413", "422", "429", "503"}
@@ -361,7 +366,7 @@ def test_off_answers_404_saying_how_to_enable_and_loads_no_copy(tiny_dir):
         assert c.app.state.model.explaining is None
         assert c.get("/info").json()["explain"] == {"enabled": False, "max_concurrent_explains": 0,
                                                     "n_steps": N_STEPS, "dtype": None, "admitted": 0,
-                                                    "explanations": 0}
+                                                    "explanations": 0, "malloc_trims": 0}
         assert "/explain" not in c.get("/openapi.json").json()["paths"]  # the schema says what is served
         assert predict(c, "great film")["label"] in ("neg", "pos")
 
