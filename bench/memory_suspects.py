@@ -21,7 +21,8 @@ Suspects (each run prints its resident memory, RSS, every --every batches or cal
   Every variant but `server` runs with --pad_to_multiple_of 1 and --malloc_trim_interval 0, as before the fix.
 - tokenizer: the Rust tokenizer's encode_batch alone, on the same reviews.
 - explainer: POST /explain's engine alone (serve/explaining.py), short reviews one after another,
-  under the same settings.
+  under the same settings; explainer-any-length: the same with reviews of every length (to 512 tokens,
+  cut), so that its unpadded shapes (one per length, forward and backward) keep coming.
 
 The figure of merit is the growth after the warm-up (from --from_batch to the end) and the seconds
 per batch (a remedy that costs throughput is a trade-off, not a fix). BENCHMARKS.md has a run.
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +128,13 @@ def run_tokenizer(model_dir, batches, every, seed):
     return {"curve": curve, "seconds_per_batch": (time.perf_counter() - started) / batches}
 
 
-def run_explainer(model_dir, batches, every, seed):
+def run_explainer(model_dir, batches, every, seed, max_chars=300):
     from types import SimpleNamespace
 
     from serve.explaining import load_explaining
 
     rng = random.Random(seed)
-    pool = [t for t in reviews(2000, seed) if len(t) < 300]
+    pool = [t for t in reviews(2000, seed) if max_chars is None or len(t) < max_chars]
     explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32,
                                                             malloc_trim_interval=limits().malloc_trim_interval), "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
@@ -144,7 +146,8 @@ def run_explainer(model_dir, batches, every, seed):
     return {"curve": curve, "seconds_per_batch": (time.perf_counter() - started) / batches}
 
 
-RUNS = {"model": run_model, "tokenizer": run_tokenizer, "explainer": run_explainer}
+RUNS = {"model": run_model, "tokenizer": run_tokenizer, "explainer": run_explainer,
+        "explainer-any-length": partial(run_explainer, max_chars=None)}
 
 
 # -----------------------------------------------------------------------------
@@ -210,15 +213,15 @@ def main():
         for suspect in args.suspects:
             if suspect == "model":
                 runs = [(f"model, {name}", VARIANTS[name], args) for name in args.variants]
-            elif suspect == "explainer":  # an explanation costs some 50 batches
+            elif suspect.startswith("explainer"):  # an explanation costs some 50 batches
                 fewer = argparse.Namespace(**{**vars(args), "batches": max(2, args.batches // 20),
                                               "every": max(1, args.every // 20)})
-                runs = [(f"explainer, {name}", VARIANTS[name], fewer) for name in args.variants]
+                runs = [(f"{suspect}, {name}", VARIANTS[name], fewer) for name in args.variants]
             else:
                 runs = [(suspect, {}, args)]
             for name, env, run_args in runs:
                 result = in_subprocess(suspect, env, run_args, model_dir)
-                from_batch = args.from_batch if suspect != "explainer" else args.from_batch // 20
+                from_batch = args.from_batch if not suspect.startswith("explainer") else args.from_batch // 20
                 print(describe(name, result, from_batch), flush=True)
 
 
