@@ -18,7 +18,8 @@ its answer arrives), all to 127.0.0.1:
 - mixed: what a server sees in a day: single texts (55%), our {"texts"} batches of 2-8 (10%), TEI's
   {"inputs"} alone (10%) and in batches of 2-16 (10%), the Hub's POST / (10%), bad bodies (5%: not
   JSON, an empty text, 33 texts, a pair, an unknown field), and one POST /explain per 1,000 requests,
-  of ten short reviews in turn (the same ten in every --window of requests).
+  of a few short reviews in turn (one per 1,000 requests of --window: by default ten, the same ten in
+  every window).
 Reviews come from a pool of --pool IMDb test reviews of at most --max_tokens tokens, and 5% from the
 longest ones (truncated to 512 tokens by the server), in a sequence fixed by --seed, the same for
 every server. Every answer is checked: its status, its shape, and its probabilities against
@@ -31,11 +32,11 @@ Several servers take turns of --sample_every requests each, so they see the same
 same machine load; each one's peak RSS during each of its turns is read at the turn's end
 (/proc/<pid>/status's VmHWM, reset before the turn: reset_peak_rss), and its RSS at that moment.
 Prints a table (requests vs peak RSS per server), writes a PNG of the same into --out, and one pass
-line per server and load: over the turns of the last --window requests up to --check_to (40,001 to
-50,000), the median peak RSS within --max_growth of its median over those up to --check_from (1 to
-10,000), the median RSS at the turns' end likewise, and every answer right. A median of ten turns,
-not one turn against one: a turn's peak swings by 10-20% with what coincides in it. Exit code 1 if a
-server of this checkout fails that (the --compare_dir one is reported only).
+line per server and load: over the turns of the last --window requests up to --check_to (by default
+40,001 to 50,000), the median peak RSS within --max_growth of its median over those up to --check_from
+(1 to 10,000), the median RSS at the turns' end likewise, and every answer right. A median of ten
+turns, not one turn against one: a turn's peak swings by 10-20% with what coincides in it. Exit code 1
+if a server of this checkout fails that (the --compare_dir one is reported only).
 """
 
 import argparse
@@ -139,8 +140,10 @@ def make_requests(load, n, short, long, seed, explain_cycle=10):
     1,300 MB during one), so the windows the pass line compares must explain the same reviews, or it
     compares review lengths instead of the server's memory."""
     rng = random.Random(seed)
-    explainable = [t for t in short if len(t) <= 300] or short  # short reviews: an explanation takes ~1 s
-    explained = rng.sample(explainable, min(explain_cycle, len(explainable)))
+    if load == "mixed":  # drawn first, and only here: the single load's sequence stays what it was
+        explainable = [t for t in short if len(t) <= 300] or short  # short reviews: an explanation takes ~1 s
+        explained = (rng.sample(explainable, explain_cycle) if len(explainable) >= explain_cycle
+                     else rng.choices(explainable, k=explain_cycle))  # a short pool: with repeats, still a cycle
 
     def review():
         return rng.choice(long) if rng.random() < 0.05 else rng.choice(short)
@@ -438,12 +441,16 @@ def verdict(server, args):
     --check_to within --max_growth of those up to --check_from, the RSS at the turns' ends likewise,
     every answer right, and the run long enough."""
     done = server.rss[-1][0]
-    to = min(args.check_to, done)
+    if done < args.check_from + args.window:  # the windows would overlap: no growth to speak of
+        return False, (f"FAIL: {server.name}: stopped at {done:,} requests, too short to compare; {len(server.wrong)} "
+                       f"wrong answers (the windows: {args.window:,} requests up to {args.check_from:,} and up to "
+                       f"{args.check_to:,})")
+    to = min(args.check_to, done - (done - args.check_from) % args.window)  # whole cycles after check_from
     peak_before, peak_after, peak_growth = window_growth(server.rss, args.check_from, to, args.window)
     end_before, end_after, end_growth = window_growth(server.rss_end, args.check_from, to, args.window)
     ok = max(peak_growth, end_growth) <= args.max_growth and not server.wrong and done >= args.check_to
     shortfall = "" if done >= args.check_to else f" (stopped at {done:,}: too short to pass)"
-    span = lambda end: f"{max(end - args.window, 0):,}-{end:,}"
+    span = lambda end: f"{end - args.window + 1:,}-{end:,}"
     return ok, (f"{'PASS' if ok else 'FAIL'}: {server.name}: median peak RSS per turn {peak_after:.0f} MB over "
                 f"requests {span(to)}, {peak_before:.0f} MB over {span(args.check_from)}: {peak_growth:+.1%}; "
                 f"RSS at the turns' end {end_after:.0f} against {end_before:.0f} MB: {end_growth:+.1%} "
@@ -486,6 +493,29 @@ def picture(results, loads, path, args):
     plt.close(fig)
 
 
+def window_problem(args):
+    """What is wrong with the windows the pass line compares, or None. Each must hold whole turns and
+    whole explanation cycles (so that both explain the same reviews), the first must come after the
+    server's start, and the second after the first."""
+    if args.sample_every < 1:
+        return f"--sample_every must be a positive number of requests, not {args.sample_every}"
+    if args.window % args.sample_every or args.window % EXPLAIN_EVERY or args.window < 1:
+        return (f"--window {args.window} must be a multiple of --sample_every ({args.sample_every}) and of "
+                f"{EXPLAIN_EVERY:,} (one /explain each): the windows compared hold whole turns and explain the same reviews")
+    if not args.window <= args.check_from < args.check_to:
+        return (f"--check_from {args.check_from} must be at least --window ({args.window}) and below --check_to "
+                f"({args.check_to}): the first window starts after the server does, the second after the first")
+    if (args.check_to - args.check_from) % args.window:
+        return (f"--check_to - --check_from ({args.check_to - args.check_from}) must be a multiple of --window "
+                f"({args.window}): the windows compared explain the same reviews only whole cycles apart")
+    return None
+
+
+def explain_cycle(args):
+    """How many reviews the mixed load explains in turn: one per EXPLAIN_EVERY requests of a window."""
+    return args.window // EXPLAIN_EVERY
+
+
 def parse_args():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", help="a save_pretrained folder; default: minilm-l6 + a seeded 2-label head")
@@ -517,10 +547,8 @@ def parse_args():
                                                            "(tiny BERT), its RSS every 1,000 steps")
     parser.add_argument("--out", default="soak-results", help="folder for the PNG, the JSON and the servers' logs")
     args = parser.parse_args()
-    if args.window < args.sample_every or args.window % args.sample_every or (args.check_to - args.check_from) % args.window:
-        parser.error(f"--window {args.window} must be a multiple of --sample_every ({args.sample_every}) that divides "
-                     f"--check_to - --check_from ({args.check_to - args.check_from}): the windows compared must "
-                     f"hold whole turns and explain the same reviews")
+    if not args.train_steps and (problem := window_problem(args)):
+        parser.error(problem)
     servers = []
     for name, *pairs in args.server or [["app"]]:
         if any("=" not in pair for pair in pairs):
@@ -548,7 +576,7 @@ def main():
           f"model {model_dir}; {os.cpu_count()} CPUs; concurrency {args.concurrency}", flush=True)
     results = {}
     for load in args.load:
-        requests = make_requests(load, args.requests, short, long, args.seed, args.window // args.sample_every)
+        requests = make_requests(load, args.requests, short, long, args.seed, explain_cycle(args))
         servers = [Server(name, env, root, args.port + i, limit)
                    for i, (name, env, root, limit) in enumerate(args.servers)]
         soak(servers, load, requests, args, reference, labels, model_dir, out_dir)
