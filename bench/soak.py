@@ -479,12 +479,13 @@ def picture(results, loads, path, args):
     fig, axes = plt.subplots(1, len(loads), figsize=(6.5 * len(loads), 4.5), squeeze=False)
     for ax, load in zip(axes[0], loads):
         for server in results[load]:
-            done, mb = zip(*server.rss)
-            ax.plot(done, mb, marker=".", label=server.name)
+            line, = ax.plot(*zip(*server.rss), marker=".", label=f"{server.name}: the turn's peak")
+            ax.plot(*zip(*server.rss_end), linestyle="--", color=line.get_color(), alpha=0.6,
+                    label=f"{server.name}: at the turn's end")
         for end, label in ((args.check_from, "the windows compared"), (args.check_to, None)):
             ax.axvspan(max(end - args.window, 0), end, color="0.9", zorder=0, label=label)
         ax.set(title=f"{load} load, concurrency {args.concurrency}", xlabel="requests",
-               ylabel=f"server's peak RSS per {args.sample_every:,} requests (MB)")
+               ylabel=f"server's RSS per turn of {args.sample_every:,} requests (MB)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
