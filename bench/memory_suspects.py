@@ -138,8 +138,11 @@ def run_explainer(model_dir, batches, every, seed, max_chars=300):
     explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32,
                                                             malloc_trim_interval=limits().malloc_trim_interval), "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
+    trimmer = explaining.trimmer
     for i in range(1, batches + 1):
         explaining.submit(rng.choice(pool), "right").result()
+        while trimmer.enabled and trimmer.trims < i:  # its thread trims after answering: read the RSS after that
+            time.sleep(0.001)
         if i % every == 0:
             curve.append((i, rss_mb()))
     explaining.close()
