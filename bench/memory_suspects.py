@@ -136,7 +136,8 @@ def run_explainer(model_dir, batches, every, seed, max_chars=300):
     rng = random.Random(seed)
     pool = [t for t in reviews(2000, seed) if max_chars is None or len(t) < max_chars]
     explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32,
-                                                            malloc_trim_interval=limits().malloc_trim_interval), "cpu")
+                                                            malloc_trim_interval=limits().malloc_trim_interval,
+                                                            pad_to_multiple_of=limits().pad_to_multiple_of), "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
     trimmer = explaining.trimmer
     for i in range(1, batches + 1):

@@ -44,6 +44,10 @@ log = logging.getLogger("explain")
 # this size, 1.5 GB in chunks of twice the size, and 5 GB with all 64 rows at once, which was no
 # faster on a CPU (docs/serving.md).
 CHUNK_TOKENS = 4096
+# An explanation's tokens are padded to a multiple of this on a CPU: its shapes, one per length and
+# chunk, become a bounded set (docs/serving.md#memory). 16, not the batches' 64: an explanation costs
+# n_steps passes over every token, and a short review padded to 64 would cost up to four times as much.
+EXPLAIN_PAD_TO_MULTIPLE_OF = 16
 WARM_UP_TEXT = "A warm-up review."
 
 
@@ -70,7 +74,11 @@ def load_explaining(model_dir, cfg, device):
     this thread's own arena: after each one glibc hands the freed pages back (0: never)."""
     model, tokenizer = load_for_inference(model_dir, device, torch.float32)
     trimmer = Trimmer(cfg.malloc_trim_interval)  # disabled at 0, or under another malloc
-    return Explaining(Explainer(model, tokenizer), cfg.max_concurrent_explains, cfg.explain_n_steps, trimmer=trimmer)
+    # On a CPU, where oneDNN keeps a primitive per shape, a text is padded to a multiple of 16 tokens
+    # (masked; --pad_to_multiple_of 1 turns it off with the batches'): at most 32 lengths for 512 tokens.
+    multiple = EXPLAIN_PAD_TO_MULTIPLE_OF if torch.device(device).type == "cpu" and cfg.pad_to_multiple_of > 1 else 1
+    explainer = Explainer(model, tokenizer, pad_to_multiple_of=multiple)
+    return Explaining(explainer, cfg.max_concurrent_explains, cfg.explain_n_steps, trimmer=trimmer)
 
 
 # -----------------------------------------------------------------------------
@@ -156,11 +164,12 @@ class Explaining:
     def explain(self, text, side):
         """(Explanation, seconds): every class explained, in chunks of about chunk_tokens tokens."""
         tokens = len(self.explainer.encode(text, side)[0].ids)  # after truncation, [CLS] and [SEP] included
+        padded = tokens + self.explainer.padding(tokens)  # what runs: the chunks' rows follow it, a bounded set
         started = time.perf_counter()
         self.running = (started, tokens)
         try:
             explanation = self.explainer.explain(text, n_steps=self.n_steps, truncation_side=side,
-                                                 internal_batch_size=self.chunk_rows(tokens))
+                                                 internal_batch_size=self.chunk_rows(padded))
         finally:
             self.running = None
         seconds = time.perf_counter() - started

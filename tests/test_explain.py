@@ -138,6 +138,29 @@ def test_deterministic_and_batching_changes_nothing(minilm):
         assert chunked.token_attributions[label] == pytest.approx(first.token_attributions[label], abs=1e-6)
 
 
+def test_padding_bounds_the_shapes_and_changes_no_score(minilm):
+    """A server pads an explanation to a multiple of 16 tokens (masked [PAD]s): the forward passes get a
+    bounded set of lengths, and every score, probability and delta stays what it was, to float rounding."""
+    model, tokenizer = minilm
+    plain, padded = Explainer(model, tokenizer), Explainer(model, tokenizer, pad_to_multiple_of=16)
+    assert [padded.padding(n) for n in (1, 15, 16, 17, 510, 512)] == [15, 1, 0, 15, 2, 0]  # 512: the maximum
+    lengths = []
+    hook = model.bert.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        expected, got = plain.explain(REVIEW, n_steps=16), padded.explain(REVIEW, n_steps=16)
+    finally:
+        hook.remove()
+    n_tokens = len(expected.tokens)
+    assert n_tokens % 16 and got.tokens == expected.tokens  # the padding is real, and never reported
+    assert set(lengths) == {n_tokens, -(-n_tokens // 16) * 16}
+    for label in LABELS:
+        assert got.token_attributions[label] == pytest.approx(expected.token_attributions[label], abs=1e-6)
+        assert got.scores[label] == pytest.approx(expected.scores[label], abs=1e-6)
+        assert got.deltas[label] == pytest.approx(expected.deltas[label], abs=1e-6)
+        assert got.baseline_scores[label] == pytest.approx(expected.baseline_scores[label], abs=1e-6)
+
+
 def test_one_class_only(minilm):
     explainer = Explainer(*minilm)
     both = explainer.explain(REVIEW, n_steps=8)

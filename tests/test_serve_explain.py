@@ -510,3 +510,16 @@ def test_real_server_answers_an_explanation_in_flight_at_sigterm(minilm_dir, tmp
         assert process.wait(timeout=60) == 0
     log = log_path.read_text()
     assert "explainer stopped (explanations answered: 1, stopped by the shutdown: 0)" in log, log[-3000:]
+
+
+def test_the_servers_explainer_pads_to_16_tokens_on_a_cpu_unless_padding_is_off(tiny_dir):
+    """Its shapes a bounded set, as the batches' (docs/serving.md#memory); --pad_to_multiple_of 1: none."""
+    for batches, expected in ((64, 16), (1, 1)):
+        cfg = ServeConfig(model_dir=str(tiny_dir), pad_to_multiple_of=batches, malloc_trim_interval=0)
+        explaining = load_explaining(str(tiny_dir), cfg, "cpu")
+        try:
+            assert explaining.explainer.pad_to_multiple_of == expected
+            tokens = len(explaining.explainer.encode("great film")[0].ids)
+            assert tokens + explaining.explainer.padding(tokens) == (16 if expected == 16 else tokens)
+        finally:
+            explaining.close()

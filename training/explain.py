@@ -90,12 +90,15 @@ class Explainer:
     them, and only the kept part is explained (`Explanation.truncated` says so).
     """
 
-    def __init__(self, model, tokenizer, max_length=None):
+    def __init__(self, model, tokenizer, max_length=None, pad_to_multiple_of=1):
         self.model = model.eval()  # no dropout: an explanation must not depend on a random mask
         self.core = bare_tokenizer(tokenizer)
         self.pad_token_id = tokenizer.pad_token_id
         self.labels = label_names(model)
         self.max_length = max_length or model_max_length(model, tokenizer)
+        # A server pads each text to a multiple of this many tokens (masked [PAD]s, whose scores are
+        # exactly 0), so that its explanations run a bounded set of shapes (serve/explaining.py).
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def explain(self, text, classes=None, n_steps=N_STEPS, internal_batch_size=None, truncation_side="right"):
         """Integrated Gradients for `text`, for each class in `classes` (names; default: all).
@@ -112,18 +115,25 @@ class Explainer:
         computed = self.computed_targets(targets)
         derive_last = len(computed) < len(targets)
         encoding, truncated = self.encode(text, truncation_side)
-        input_ids = torch.tensor([encoding.ids], device=self.model.device)  # (1, T)
-        baseline_ids = pad_baseline(input_ids, encoding.special_tokens_mask, self.pad_token_id)
+        n_tokens = len(encoding.ids)
+        padding = self.padding(n_tokens)
+        input_ids = torch.tensor([encoding.ids + [self.pad_token_id] * padding], device=self.model.device)  # (1, T)
+        baseline_ids = pad_baseline(input_ids, encoding.special_tokens_mask + [0] * padding, self.pad_token_id)
+        real = torch.arange(input_ids.shape[1], device=input_ids.device) < n_tokens  # (T,): not the padding
+
+        def probabilities(ids):  # the padding masked out: the same probabilities as without it
+            return self.probabilities(ids, attention_mask=real.expand_as(ids).long())
+
         k = len(computed)
-        ig = LayerIntegratedGradients(self.probabilities, self.model.get_input_embeddings())
+        ig = LayerIntegratedGradients(probabilities, self.model.get_input_embeddings())
         with torch.enable_grad():  # the caller may be under no_grad; IG needs the backward pass
             token_scores, deltas = ig.attribute(
                 input_ids.expand(k, -1), baseline_ids.expand(k, -1), target=computed, n_steps=n_steps,
                 internal_batch_size=internal_batch_size, return_convergence_delta=True,
             )  # (k, T, hidden): one score per embedding dimension; (k,)
         with torch.no_grad():
-            probs = self.probabilities(torch.cat([input_ids, baseline_ids]))  # (2, num_labels)
-        per_token = token_scores.float().sum(dim=-1)  # (k, T): a token's score, summed over its embedding
+            probs = probabilities(torch.cat([input_ids, baseline_ids]))  # (2, num_labels)
+        per_token = token_scores[:, :n_tokens].float().sum(dim=-1)  # (k, T): a token's score, summed over its embedding
         deltas = deltas.float()
         if derive_last:
             per_token = torch.cat([per_token, -per_token.sum(dim=0, keepdim=True)])
@@ -167,9 +177,15 @@ class Explainer:
             outputs = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_attentions=True)
         return encoding.tokens, torch.stack(outputs.attentions)[:, 0].float()  # L x (1, H, T, T) -> (L, H, T, T)
 
-    def probabilities(self, ids):
+    def probabilities(self, ids, attention_mask=None):
         """(rows, T) token ids -> (rows, num_labels) class probabilities: what is explained is P(class)."""
-        return self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().softmax(dim=-1)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        return self.model(input_ids=ids, attention_mask=mask).logits.float().softmax(dim=-1)
+
+    def padding(self, n_tokens):
+        """[PAD]s after a text of `n_tokens`: up to a multiple of pad_to_multiple_of, within max_length."""
+        multiple = self.pad_to_multiple_of
+        return max(0, min(-(-n_tokens // multiple) * multiple, self.max_length) - n_tokens)
 
     def class_index(self, name):
         if name not in self.labels:
