@@ -22,7 +22,7 @@ Suspects (each run prints its resident memory, RSS, every --every batches or cal
 - tokenizer: the Rust tokenizer's encode_batch alone, on the same reviews.
 - explainer: POST /explain's engine alone (serve/explaining.py), short reviews one after another,
   under the same settings; explainer-any-length: the same with reviews of every length (to 512 tokens,
-  cut), so that its unpadded shapes (one per length, forward and backward) keep coming.
+  cut), so that new shapes keep coming (one per length, forward and backward, where it does not pad).
 
 The figure of merit is the growth after the warm-up (from --from_batch to the end) and the seconds
 per batch (a remedy that costs throughput is a trade-off, not a fix). BENCHMARKS.md has a run.

@@ -160,7 +160,7 @@ def test_answer_shape_and_values(client, tiny_dir):
 
 
 def test_prediction_equals_predicts_within_float_tolerance(client):
-    """/predict runs packed batches on the serving model; /explain its own fp32 copy, unpadded: the
+    """/predict runs packed batches on the serving model; /explain its own fp32 copy, padded to 16 tokens: the
     same numbers to float rounding."""
     for text in (TEXT, "great film", "the worst waste of time", "\x00 nothing but control characters \x07"):
         explained, predicted = explain(client, text)["prediction"], predict(client, text)
