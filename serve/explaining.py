@@ -78,6 +78,9 @@ def load_explaining(model_dir, cfg, device):
     # (masked; --pad_to_multiple_of 1 turns it off with the batches'): at most 32 lengths for 512 tokens.
     multiple = EXPLAIN_PAD_TO_MULTIPLE_OF if torch.device(device).type == "cpu" and cfg.pad_to_multiple_of > 1 else 1
     explainer = Explainer(model, tokenizer, pad_to_multiple_of=multiple)
+    if multiple > 1:
+        log.info("explain: a text's tokens are padded to a multiple of %d (masked: the scores do not change), so "
+                 "that explanations run a bounded set of shapes (docs/serving.md#memory)", multiple)
     return Explaining(explainer, cfg.max_concurrent_explains, cfg.explain_n_steps, trimmer=trimmer)
 
 

@@ -20,6 +20,8 @@ than one text is padded to a multiple of 64 tokens, a packed batch over the mode
 (serve/packed.py), a padded one per row (serve/classifier.py). A BERT of 512 tokens and batches of
 32 texts then has at most 760 shapes, all of them in oneDNN's cache, each created once. What the
 arenas still keep after a batch larger than any before, Trimmer hands back (--malloc_trim_interval).
+POST /explain's thread trims after each explanation, and pads its text to a multiple of 16 tokens
+(serve/explaining.py): its shapes are a bounded set too.
 The allocator is glibc's, or whatever the process was started with (LD_PRELOAD), and is named here.
 """
 
