@@ -167,16 +167,16 @@ class Explaining:
     def explain(self, text, side):
         """(Explanation, seconds): every class explained, in chunks of about chunk_tokens tokens."""
         tokens = len(self.explainer.encode(text, side)[0].ids)  # after truncation, [CLS] and [SEP] included
-        padded = tokens + self.explainer.padding(tokens)  # what runs: the chunks' rows follow it, a bounded set
+        padded = tokens + self.explainer.padding(tokens)  # what runs: the chunks' rows and the cost follow it
         started = time.perf_counter()
-        self.running = (started, tokens)
+        self.running = (started, padded)
         try:
             explanation = self.explainer.explain(text, n_steps=self.n_steps, truncation_side=side,
                                                  internal_batch_size=self.chunk_rows(padded))
         finally:
             self.running = None
         seconds = time.perf_counter() - started
-        self.last_seconds, self.seconds_per_token = seconds, seconds / tokens
+        self.last_seconds, self.seconds_per_token = seconds, seconds / padded  # per token that ran, padding included
         self.explanations += 1
         return explanation, seconds
 

@@ -133,7 +133,7 @@ class Explainer:
             )  # (k, T, hidden): one score per embedding dimension; (k,)
         with torch.no_grad():
             probs = probabilities(torch.cat([input_ids, baseline_ids]))  # (2, num_labels)
-        per_token = token_scores[:, :n_tokens].float().sum(dim=-1)  # (k, T): a token's score, summed over its embedding
+        per_token = token_scores[:, :n_tokens].float().sum(dim=-1)  # (k, n_tokens): a real token's score, summed over its embedding
         deltas = deltas.float()
         if derive_last:
             per_token = torch.cat([per_token, -per_token.sum(dim=0, keepdim=True)])
