@@ -129,15 +129,16 @@ def run_tokenizer(model_dir, batches, every, seed):
 
 
 def run_explainer(model_dir, batches, every, seed, max_chars=300):
+    from dataclasses import asdict
     from types import SimpleNamespace
 
     from serve.explaining import load_explaining
 
     rng = random.Random(seed)
     pool = [t for t in reviews(2000, seed) if max_chars is None or len(t) < max_chars]
-    explaining = load_explaining(model_dir, SimpleNamespace(max_concurrent_explains=1, explain_n_steps=32,
-                                                            malloc_trim_interval=limits().malloc_trim_interval,
-                                                            pad_to_multiple_of=limits().pad_to_multiple_of), "cpu")
+    # the server's settings (serve/app.py's ServeConfig is Limits and these): the trim, the padding
+    cfg = SimpleNamespace(**asdict(limits()), max_concurrent_explains=1, explain_n_steps=32)
+    explaining = load_explaining(model_dir, cfg, "cpu")
     curve, started = [(0, rss_mb())], time.perf_counter()
     trimmer = explaining.trimmer
     for i in range(1, batches + 1):

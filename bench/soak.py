@@ -483,7 +483,7 @@ def picture(results, loads, path, args):
             ax.plot(*zip(*server.rss_end), linestyle="--", color=line.get_color(), alpha=0.6,
                     label=f"{server.name}: at the turn's end")
         for end, label in ((args.check_from, "the windows compared"), (args.check_to, None)):
-            ax.axvspan(max(end - args.window, 0), end, color="0.9", zorder=0, label=label)
+            ax.axvspan(end - args.window, end, color="0.9", zorder=0, label=label)  # window_problem: >= 0
         ax.set(title=f"{load} load, concurrency {args.concurrency}", xlabel="requests",
                ylabel=f"server's RSS per turn of {args.sample_every:,} requests (MB)")
         ax.set_ylim(bottom=0)
